@@ -1,0 +1,76 @@
+"""All of Encore's settings, read from the environment (prefix ``ENCORE_``) and ``.env``."""
+
+from __future__ import annotations
+
+import os
+from datetime import time
+from functools import lru_cache
+from typing import Annotated
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENCORE_", env_file=".env", extra="ignore")
+
+    home: Path = Field(Path(".encore"), description="Data dir: bundles, pairings, SQLite files.")
+    redis_url: str | None = Field(None, description="Online store; unset = SQLite under home.")
+    database_url: str | None = Field(
+        None, description="Feedback and run records; unset = SQLite under home."
+    )
+    admin_token: SecretStr | None = Field(None, description="Bearer token for admin routes.")
+
+    schedule_time: time = Field(time(2, 0), description="Nightly run time, HH:MM.")
+    schedule_timezone: str = Field("UTC", description="IANA zone of schedule_time.")
+    misfire_grace_seconds: int = Field(6 * 3600, ge=0)
+    batch_size: int = Field(1000, ge=1, le=100_000, description="Users per scoring batch.")
+    top_n: int = Field(20, ge=1, le=200, description="Playlists stored per user and run.")
+    workers: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, description="Scoring processes."
+    )
+    torch_threads: int = Field(1, ge=1, description="torch threads per scoring process.")
+    batches_in_flight: int = Field(0, ge=0, description="0 = two per worker.")
+    run_grace_seconds: int = Field(
+        48 * 3600, ge=0, description="How long a replaced run stays readable (rollback window)."
+    )
+    run_lock_seconds: int = Field(3600, ge=10, description="Expiry of the Redis run lock.")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    scheduler_metrics_port: int = Field(9101, ge=0, le=65535)
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS."
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    run_age_budget_seconds: int = Field(26 * 3600, ge=0)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def bundles_dir(self) -> Path:
+        return self.home / "bundles"
+
+    @property
+    def sqlite_online_path(self) -> Path:
+        return self.home / "online.sqlite3"
+
+    @property
+    def sqlite_database_path(self) -> Path:
+        return self.home / "encore.sqlite3"
+
+    @property
+    def resolved_batches_in_flight(self) -> int:
+        return self.batches_in_flight or 2 * self.workers
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

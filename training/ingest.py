@@ -1,0 +1,382 @@
+"""Reading interactions and catalogs: CSV, TSV or Parquet, with or without a header.
+
+The fast path parses with pyarrow and validates with numpy. When anything is wrong, a
+line-by-line scan with the ``csv`` module finds the first bad row, so the error names the
+exact file, line, column and value. Nothing is returned (so nothing is written) on error.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from encore.errors import InputError
+
+logger = logging.getLogger("encore.ingest")
+
+INTERACTION_COLUMNS = ("user_id", "playlist_id", "weight", "timestamp")
+REQUIRED = ("user_id", "playlist_id")
+ID_COLUMNS = ("user_id", "playlist_id")
+MAX_ID = np.iinfo(np.int64).max
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+TAB_SUFFIXES = {".tsv", ".tab", ".dat"}
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Validated interactions in file order (one entry per row)."""
+
+    user_ids: np.ndarray  # int64
+    playlist_ids: np.ndarray  # int64
+    weights: np.ndarray  # float32, > 0; 1.0 where the file has no weight column
+    timestamps: np.ndarray | None  # int64 epoch seconds, when the file has them
+    path: Path
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+def read_interactions(
+    path: str | Path, *, columns: list[str] | None = None, sep: str | None = None
+) -> Interactions:
+    """Read and validate an interactions file; raise :class:`InputError` naming the bad row."""
+    path = Path(path)
+    _check_readable(path)
+    if columns is not None:
+        _check_column_names(path, columns)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        frame, unit = _read_parquet(path, columns), "row"
+    else:
+        frame, unit = _read_delimited(path, columns, sep), "line"
+    return Interactions(
+        user_ids=frame["user_id"],
+        playlist_ids=frame["playlist_id"],
+        weights=frame.get("weight", np.ones(len(frame["user_id"]), dtype=np.float32)),
+        timestamps=frame.get("timestamp"),
+        path=path,
+        fingerprint=_fingerprint(path, columns, sep, unit),
+    )
+
+
+def read_catalog(path: str | Path, *, sep: str | None = None) -> pd.DataFrame:
+    """Read a playlist catalog with columns ``playlist_id`` (or ``id``) and ``name``."""
+    path = Path(path)
+    _check_readable(path)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        frame = pq.read_table(path).to_pandas()
+        first_data_line = 0
+    else:
+        delimiter = sep or _guess_separator(path)
+        try:
+            frame = pd.read_csv(
+                path,
+                sep=delimiter,
+                dtype=str,
+                keep_default_na=False,
+                encoding="utf-8-sig",
+                # Tab-separated catalogs carry names such as '"Weird Al" Yankovic' verbatim.
+                quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL,
+                usecols=lambda name: name in {"playlist_id", "id", "name"},
+            )
+        except UnicodeDecodeError as exc:
+            raise InputError(path, "the catalog is not UTF-8 text") from exc
+        except (pd.errors.ParserError, ValueError) as exc:
+            raise InputError(path, f"could not parse the catalog: {exc}") from exc
+        first_data_line = 2
+    if "playlist_id" not in frame.columns and "id" in frame.columns:
+        frame = frame.rename(columns={"id": "playlist_id"})
+    for column in ("playlist_id", "name"):
+        if column not in frame.columns:
+            raise InputError(path, f"missing column {column!r} in the catalog", line=1)
+    ids = pd.to_numeric(frame["playlist_id"], errors="coerce")
+    bad = ids.isna() | (ids < 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(
+            path,
+            "playlist_id is not a non-negative integer",
+            line=row + first_data_line if first_data_line else None,
+            column="playlist_id",
+            value=frame["playlist_id"].iloc[row],
+        )
+    return pd.DataFrame(
+        {"playlist_id": ids.astype(np.int64), "name": frame["name"].astype(str)}
+    ).drop_duplicates("playlist_id", keep="last")
+
+
+def _check_readable(path: Path) -> None:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(1)
+    except OSError as exc:
+        raise InputError(path, f"cannot read the file: {exc.strerror or exc}") from exc
+    if not head:
+        raise InputError(path, "the file is empty")
+
+
+def _check_column_names(path: Path, columns: list[str]) -> None:
+    unknown = [name for name in columns if name not in INTERACTION_COLUMNS and name != "_"]
+    if unknown:
+        raise InputError(
+            path,
+            f"unknown column {unknown[0]!r} in --columns; use {', '.join(INTERACTION_COLUMNS)} "
+            "or _ to skip one",
+        )
+    for name in REQUIRED:
+        if name not in columns:
+            raise InputError(path, f"--columns must include {name!r}")
+
+
+def _guess_separator(path: Path) -> str:
+    if path.suffix.lower() in TAB_SUFFIXES:
+        return "\t"
+    if path.suffix.lower() == ".csv":
+        return ","
+    with path.open("rb") as handle:
+        first = handle.readline()
+    return "\t" if b"\t" in first else ","
+
+
+def _header_fields(path: Path, delimiter: str) -> list[str]:
+    with path.open("rb") as handle:
+        raw = handle.readline()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(path, "the file is not UTF-8 text", line=1) from exc
+    return [field.strip() for field in text.rstrip("\r\n").split(delimiter)]
+
+
+def _looks_like_data(fields: list[str]) -> bool:
+    return all(field.lstrip("-").replace(".", "", 1).isdigit() for field in fields if field)
+
+
+def _read_delimited(path: Path, columns: list[str] | None, sep: str | None) -> dict:
+    delimiter = sep or _guess_separator(path)
+    first = _header_fields(path, delimiter)
+    if columns is None and _looks_like_data(first) and 2 <= len(first) <= 4:
+        columns = list(INTERACTION_COLUMNS[: len(first)])
+        logger.warning(
+            "%s has no header row: reading its columns as %s (pass --columns to choose)",
+            path, ",".join(columns),
+        )
+    has_header = columns is None
+    names = first if has_header else columns
+    if has_header:
+        for name in REQUIRED:
+            if name not in names:
+                raise InputError(
+                    path,
+                    f"missing column {name!r} in the header {names!r}; a file without a "
+                    "header needs --columns, for example --columns user_id,playlist_id,weight",
+                    line=1,
+                )
+    wanted = [name for name in INTERACTION_COLUMNS if name in names]
+    types = {"user_id": pa.int64(), "playlist_id": pa.int64(), "weight": pa.float64()}
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(
+                column_names=[f"_{i}" if n == "_" else n for i, n in enumerate(names)],
+                skip_rows=1 if has_header else 0,
+                block_size=1 << 24,
+            ),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            convert_options=pacsv.ConvertOptions(
+                column_types={k: v for k, v in types.items() if k in wanted},
+                include_columns=wanted,
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+        frame = _validate(table, wanted)
+    except (pa.ArrowInvalid, ValueError) as exc:
+        _scan_for_error(path, delimiter, names, has_header)
+        raise InputError(path, f"could not parse the file: {exc}") from exc
+    if frame is None:
+        _scan_for_error(path, delimiter, names, has_header)
+        raise InputError(path, "invalid values that the line scan could not place")
+    if len(frame["user_id"]) == 0:
+        raise InputError(path, "the file has a header but no rows")
+    return frame
+
+
+def _read_parquet(path: Path, columns: list[str] | None) -> dict:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(path, f"not a readable Parquet file: {exc}") from exc
+    if columns is not None:
+        renames = dict(zip(table.column_names, columns, strict=False))
+        table = table.rename_columns([renames.get(n, n) for n in table.column_names])
+    for name in REQUIRED:
+        if name not in table.column_names:
+            raise InputError(path, f"missing column {name!r}; found {table.column_names!r}")
+    wanted = [name for name in INTERACTION_COLUMNS if name in table.column_names]
+    if table.num_rows == 0:
+        raise InputError(path, "the file has no rows")
+    frame = _validate(table, wanted, path=path)
+    if frame is None:  # pragma: no cover - _validate raises with a row for Parquet
+        raise InputError(path, "invalid values")
+    return frame
+
+
+def _validate(table: pa.Table, wanted: list[str], *, path: Path | None = None) -> dict | None:
+    """Return numpy columns, or None when a value is invalid (the caller locates it).
+
+    With ``path`` given (Parquet), raise an InputError naming the row instead of returning None.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name in wanted:
+        column = table.column(name)
+        if name in ID_COLUMNS:
+            values = _as_numpy(column, np.int64, name, path)
+            if values is None:
+                return None
+            bad = values < 0
+            reason = "negative id; ids are non-negative 64-bit integers"
+        elif name == "weight":
+            values = _as_numpy(column, np.float64, name, path)
+            if values is None:
+                return None
+            bad = ~(values > 0) | ~np.isfinite(values)
+            reason = "weight must be a positive number"
+            values = values.astype(np.float32)
+        else:
+            values = _timestamps(column, path)
+            if values is None:
+                return None
+            bad = np.zeros(len(values), dtype=bool)
+            reason = ""
+        if bad.any():
+            if path is None:
+                return None
+            row = int(np.flatnonzero(bad)[0])
+            raise InputError(path, reason, line=row + 1, column=name, value=column[row].as_py())
+        out[name] = values
+    return out
+
+
+def _as_numpy(column: pa.ChunkedArray, dtype: type, name: str, path: Path | None):
+    if column.null_count:
+        if path is None:
+            return None
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(path, "missing value", line=row + 1, column=name)
+    try:
+        return column.cast(pa.from_numpy_dtype(np.dtype(dtype))).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if path is None:
+            return None
+        for row, value in enumerate(column.to_pylist()):
+            if _parse_int(value) is None if dtype is np.int64 else _parse_float(value) is None:
+                raise InputError(
+                    path, f"{name} is not a number of the right kind", line=row + 1,
+                    column=name, value=value,
+                ) from None
+        raise
+
+
+def _timestamps(column: pa.ChunkedArray, path: Path | None) -> np.ndarray | None:
+    if pa.types.is_integer(column.type):
+        return column.to_numpy().astype(np.int64)
+    if pa.types.is_timestamp(column.type):
+        return column.cast(pa.timestamp("s")).cast(pa.int64()).to_numpy()
+    parsed = pd.to_datetime(pd.Series(column.to_pylist()), errors="coerce", utc=True)
+    if parsed.isna().any():
+        if path is None:
+            return None
+        row = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+        raise InputError(
+            path, "timestamp is not a date", line=row + 1, column="timestamp",
+            value=column[row].as_py(),
+        )
+    return (parsed.astype("int64") // 10**9).to_numpy()
+
+
+def _parse_int(text: object) -> int | None:
+    if isinstance(text, int):
+        return text
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        return None
+
+
+def _parse_float(text: object) -> float | None:
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        return None
+
+
+def _scan_for_error(path: Path, delimiter: str, names: list[str], has_header: bool) -> None:
+    """Walk the file row by row and raise an InputError at the first bad row."""
+    for line, fields in _rows(path, delimiter, skip_header=has_header):
+        if not any(field.strip() for field in fields):
+            continue
+        if len(fields) != len(names):
+            raise InputError(
+                path, f"expected {len(names)} fields, found {len(fields)}", line=line
+            )
+        for name, field in zip(names, fields, strict=True):
+            _check_field(path, line, name, field)
+
+
+def _check_field(path: Path, line: int, name: str, field: str) -> None:
+    if name in ID_COLUMNS:
+        value = _parse_int(field)
+        if value is None:
+            raise InputError(path, "not an integer id", line=line, column=name, value=field)
+        if value < 0:
+            raise InputError(
+                path, "negative id; ids are non-negative 64-bit integers",
+                line=line, column=name, value=field,
+            )
+        if value > MAX_ID:
+            raise InputError(
+                path, "id does not fit in 64 bits", line=line, column=name, value=field
+            )
+    elif name == "weight":
+        value = _parse_float(field)
+        if value is None:
+            raise InputError(path, "weight is not a number", line=line, column=name, value=field)
+        if not value > 0 or value == float("inf"):
+            raise InputError(
+                path, "weight must be a positive number", line=line, column=name, value=field
+            )
+    elif name == "timestamp" and _parse_int(field) is None:
+        if pd.isna(pd.to_datetime(field, errors="coerce", utc=True)):
+            raise InputError(path, "timestamp is not a date", line=line, column=name, value=field)
+
+
+def _rows(path: Path, delimiter: str, *, skip_header: bool) -> Iterator[tuple[int, list[str]]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and skip_header:
+                continue
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(path, "the line is not UTF-8 text", line=number) from exc
+            yield number, next(csv.reader([text.rstrip("\r\n")], delimiter=delimiter), [])
+
+
+def _fingerprint(path: Path, columns: list[str] | None, sep: str | None, unit: str) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    digest.update(repr((columns, sep, unit)).encode())
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,148 @@
+"""The playlist ranking model: embeddings next to what the neighbours already say.
+
+A ranker that only reorders candidates by a dot product does worse than the neighbour support
+itself, so the score is a small MLP over the pair's features: the candidate's support and its
+share of the user's best support, how many neighbours hold it, its position in support order,
+its popularity, the user's activity, and the dot product of 128-dimensional user and playlist
+embeddings (low-rank factors of the interaction matrix, kept frozen).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+FEATURES = (
+    "log_support",
+    "relative_support",
+    "neighbour_share",
+    "position",
+    "log_popularity",
+    "log_activity",
+    "embedding_dot",
+)
+
+
+class Ranker(nn.Module):
+    """Scores (user, candidate) pairs; higher is better."""
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        *,
+        dim: int = 128,
+        hidden: tuple[int, ...] = (64, 32),
+        neighbours: int = 50,
+        candidates: int = 75,
+    ) -> None:
+        super().__init__()
+        self.neighbours = neighbours
+        self.candidates = candidates
+        self.user_embedding = nn.Embedding(n_users, dim)
+        self.item_embedding = nn.Embedding(n_items, dim)
+        self.user_embedding.weight.requires_grad_(False)
+        self.item_embedding.weight.requires_grad_(False)
+        self.register_buffer("user_log_activity", torch.zeros(n_users))
+        self.register_buffer("item_log_popularity", torch.zeros(n_items))
+        self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
+        self.register_buffer("feature_std", torch.ones(len(FEATURES)))
+        layers: list[nn.Module] = []
+        width = len(FEATURES)
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def set_tables(
+        self,
+        user_factors: np.ndarray,
+        item_factors: np.ndarray,
+        user_activity: np.ndarray,
+        item_popularity: np.ndarray,
+    ) -> None:
+        """Install the embedding and count tables of one data set (training or serving)."""
+        with torch.no_grad():
+            self.user_embedding.weight = nn.Parameter(
+                torch.from_numpy(np.ascontiguousarray(user_factors, np.float32)),
+                requires_grad=False,
+            )
+            self.item_embedding.weight = nn.Parameter(
+                torch.from_numpy(np.ascontiguousarray(item_factors, np.float32)),
+                requires_grad=False,
+            )
+            self.user_log_activity = torch.from_numpy(np.log1p(user_activity).astype(np.float32))
+            self.item_log_popularity = torch.from_numpy(
+                np.log1p(item_popularity).astype(np.float32)
+            )
+
+    def features(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        support: torch.Tensor,
+        neighbours: torch.Tensor,
+    ) -> torch.Tensor:
+        """Raw (unstandardized) features, shape ``(batch, candidates, len(FEATURES))``.
+
+        ``items`` may hold -1 in padded slots; callers mask those scores.
+        """
+        safe_items = items.clamp(min=0)
+        best = support[:, :1].clamp(min=1e-6)
+        position = torch.arange(items.shape[1], dtype=torch.float32) / self.candidates
+        user_vectors = self.user_embedding(users)
+        item_vectors = self.item_embedding(safe_items)
+        dot = torch.bmm(item_vectors, user_vectors.unsqueeze(2)).squeeze(2)
+        columns = [
+            torch.log1p(support),
+            support / best,
+            neighbours.float() / self.neighbours,
+            position.expand_as(support),
+            self.item_log_popularity[safe_items],
+            self.user_log_activity[users].unsqueeze(1).expand_as(support),
+            dot,
+        ]
+        return torch.stack(columns, dim=-1)
+
+    def forward(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        support: torch.Tensor,
+        neighbours: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        raw = self.features(users, items, support, neighbours)
+        scores = self.mlp((raw - self.feature_mean) / self.feature_std).squeeze(-1)
+        return scores.masked_fill(~mask, -math.inf)
+
+
+def padded_candidates(
+    indptr: np.ndarray,
+    items: np.ndarray,
+    support: np.ndarray,
+    neighbours: np.ndarray,
+    users: np.ndarray,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather the CSR candidates of ``users`` into ``(batch, width)`` tensors plus a mask."""
+    starts = indptr[users]
+    lengths = np.minimum(indptr[users + 1] - starts, width)
+    offsets = np.arange(width)
+    mask = offsets[None, :] < lengths[:, None]
+    pos = np.where(mask, starts[:, None] + offsets[None, :], 0)
+    if len(items) == 0:
+        pos = np.zeros_like(pos)
+        items, support, neighbours = (
+            np.full(1, -1, np.int32), np.zeros(1, np.float32), np.zeros(1, np.uint16)
+        )
+    return (
+        torch.from_numpy(np.where(mask, items[pos], -1).astype(np.int64)),
+        torch.from_numpy(np.where(mask, support[pos], 0.0).astype(np.float32)),
+        torch.from_numpy(np.where(mask, neighbours[pos], 0).astype(np.int32)),
+        torch.from_numpy(mask),
+    )
