@@ -1,2 +1,202 @@
+"""The `encore` command line. Commands import their role's code lazily: `--help` stays fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from encore.console import configure_logging, console, stage_progress
+from encore.errors import EncoreError
+from encore.settings import get_settings
+
+app = typer.Typer(
+    help="Encore: nightly batch recommendations, published and served.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="List and promote model bundles.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+InteractionsOpt = Annotated[
+    Path, typer.Option("--interactions", "-i", help="CSV, TSV or Parquet interactions file.")
+]
+ColumnsOpt = Annotated[
+    str | None,
+    typer.Option(help="Names for a header-less file, e.g. user_id,playlist_id,weight (_ skips)."),
+]
+SepOpt = Annotated[str | None, typer.Option(help="Field separator; default from the suffix.")]
+
+
+def _columns(value: str | None) -> list[str] | None:
+    return [part.strip() for part in value.split(",")] if value else None
+
+
+def _sep(value: str | None) -> str | None:
+    return {"\\t": "\t", "tab": "\t"}.get(value, value) if value else None
+
+
+@app.command()
+def generate(
+    users: Annotated[int, typer.Option(min=1, help="Number of users.")],
+    playlists: Annotated[int, typer.Option(min=2, help="Number of playlists.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
+) -> None:
+    """Write a realistic synthetic data set (interactions.parquet, catalog.parquet)."""
+    from training.synthetic import SyntheticSpec, generate as run_generate
+
+    with stage_progress() as progress:
+        data = run_generate(
+            SyntheticSpec(users=users, playlists=playlists, seed=seed),
+            out,
+            progress=lambda done, total: progress("generate users", done, total),
+        )
+    console.print(
+        f"wrote {data.rows:,} interactions of {data.users:,} users over {data.playlists:,} "
+        f"playlists to {data.interactions} and the catalog to {data.catalog}"
+    )
+
+
+def _train_params(**overrides: object):
+    from training.fit import TrainParams
+
+    return TrainParams(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def train(
+    interactions: InteractionsOpt,
+    catalog: Annotated[Path | None, typer.Option(help="Playlist names (playlist_id, name).")] = None,
+    columns: ColumnsOpt = None,
+    sep: SepOpt = None,
+    neighbours: Annotated[int | None, typer.Option(min=1, help="K neighbours [50].")] = None,
+    candidates: Annotated[int | None, typer.Option(min=1, help="Candidates per user [75].")] = None,
+    dim: Annotated[int | None, typer.Option(min=2, help="Embedding dimension [128].")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Ranker epochs [30].")] = None,
+    pairing: Annotated[str | None, typer.Option(help="auto, exact or ann [auto].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
+    run_evaluation: Annotated[
+        bool, typer.Option("--evaluate/--no-evaluate", help="Also run the quality protocol.")
+    ] = True,
+    promote_bundle: Annotated[
+        bool, typer.Option("--promote/--no-promote", help="Make it the model the runs use.")
+    ] = True,
+) -> None:
+    """Pair users, train the ranker and write a versioned model bundle."""
+    from training.ingest import read_catalog, read_interactions
+    from training.train import train_bundle
+
+    settings = get_settings()
+    data = read_interactions(interactions, columns=_columns(columns), sep=_sep(sep))
+    names = read_catalog(catalog) if catalog else None
+    params = _train_params(
+        neighbours=neighbours, candidates=candidates, dim=dim, epochs=epochs,
+        pairing_method=pairing, seed=seed,
+    )
+    with stage_progress() as progress:
+        bundle, evaluation = train_bundle(
+            data, settings.bundles_dir, params, catalog=names, run_evaluation=run_evaluation,
+            promote_bundle=promote_bundle, progress=progress,
+        )
+    if evaluation:
+        _print_evaluation(evaluation.as_dict())
+    state = "promoted" if promote_bundle else "not promoted"
+    console.print(
+        f"bundle [bold]{bundle.version}[/] written to {bundle.path} ({state}); "
+        f"trained in {bundle.metadata['training']['seconds']:.1f} s"
+    )
+
+
+@app.command()
+def evaluate(
+    interactions: InteractionsOpt,
+    columns: ColumnsOpt = None,
+    sep: SepOpt = None,
+    neighbours: Annotated[int | None, typer.Option(min=1)] = None,
+    candidates: Annotated[int | None, typer.Option(min=1)] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Run the quality protocol: recall@10 and NDCG@10 of the model and of popularity.
+
+    The figures are stored in the newest bundle trained on the same data, if there is one.
+    """
+    from training.evaluate import evaluate as run_evaluate
+    from training.ingest import read_interactions
+    from training.train import find_bundle_for
+
+    data = read_interactions(interactions, columns=_columns(columns), sep=_sep(sep))
+    params = _train_params(neighbours=neighbours, candidates=candidates, epochs=epochs, seed=seed)
+    with stage_progress() as progress:
+        result = run_evaluate(data, params, progress=progress).as_dict()
+    _print_evaluation(result)
+    bundle = find_bundle_for(get_settings().bundles_dir, data.fingerprint)
+    if bundle is not None:
+        bundle.update_metrics(result)
+        console.print(f"stored in bundle {bundle.version}")
+    print(json.dumps(result), flush=True)
+
+
+def _print_evaluation(result: dict) -> None:
+    table = Table(title="Quality protocol (holdout 20%, full ranking)")
+    table.add_column("method")
+    table.add_column("recall@10", justify="right")
+    table.add_column("NDCG@10", justify="right")
+    table.add_row("popularity", f"{result['popularity_recall@10']:.4f}",
+                  f"{result['popularity_ndcg@10']:.4f}")
+    table.add_row("encore (pairing + ranker)", f"{result['recall@10']:.4f}",
+                  f"{result['ndcg@10']:.4f}")
+    console.print(table)
+    console.print(
+        f"{result['users_evaluated']:,} users evaluated, {result['held_out']:,} held-out rows, "
+        f"fit in {result['train_seconds']:.1f} s"
+    )
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Bundles under ENCORE_HOME, oldest first; * marks the promoted one."""
+    from encore.bundle import list_bundles, promoted_version
+
+    bundles_dir = get_settings().bundles_dir
+    current = promoted_version(bundles_dir)
+    table = Table()
+    for column in ("", "version", "created", "users", "playlists", "recall@10", "ndcg@10"):
+        table.add_column(column, no_wrap=True)
+    for bundle in list_bundles(bundles_dir):
+        meta = bundle.metadata
+        metrics = meta.get("metrics", {})
+        table.add_row(
+            "*" if bundle.version == current else "",
+            bundle.version,
+            meta.get("created_at", "")[:19],
+            f"{meta['data']['users']:,}",
+            f"{meta['data']['playlists']:,}",
+            str(metrics.get("recall@10", "-")),
+            str(metrics.get("ndcg@10", "-")),
+        )
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(version: Annotated[str, typer.Argument(help="Bundle version.")]) -> None:
+    """Make VERSION the model the next run uses."""
+    from encore.bundle import promote
+
+    bundle = promote(get_settings().bundles_dir, version)
+    console.print(f"promoted {bundle.version}")
+
+
 def main() -> None:
-    pass
+    configure_logging()
+    try:
+        app()
+    except EncoreError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)

@@ -79,7 +79,7 @@ def pair_users(
 ) -> Pairings:
     """Neighbours and candidates for every row of the (log-weighted) interaction matrix."""
     method = params.resolve(matrix)
-    logger.info("pairing %d users with the %s method", matrix.shape[0], method)
+    logger.debug("pairing %d users with the %s method", matrix.shape[0], method)
     if method == "exact":
         nbr_idx, nbr_sim = exact_neighbours(matrix, params.neighbours, progress=progress)
     elif method == "ann":

@@ -1,0 +1,60 @@
+"""Terminal output for the CLI: rich progress bars fed by callbacks, and logging."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("encore").setLevel(level)
+
+
+class StageProgress:
+    """A callback ``(stage, done, total, **fields)`` that drives one bar per stage."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, stage: str, done: int, total: int, **fields: Any) -> None:
+        info = "  ".join(
+            f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+            for key, value in fields.items()
+        )
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(stage, total=total, info=info)
+        self._progress.update(self._tasks[stage], completed=done, total=total, info=info)
+
+
+@contextmanager
+def stage_progress() -> Iterator[StageProgress]:
+    with Progress(
+        TextColumn("[bold]{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        yield StageProgress(progress)

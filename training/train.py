@@ -1,0 +1,121 @@
+"""`encore train`: fit the pipeline on all interactions and write a versioned bundle."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from encore.bundle import Bundle, list_bundles, new_version, promote, write_bundle
+from training.evaluate import Evaluation, evaluate
+from training.fit import FittedModel, Progress, TrainParams, fit
+from training.ingest import Interactions
+from training.matrix import encode
+from training.ranker import Ranker
+
+
+def train_bundle(
+    interactions: Interactions,
+    bundles_dir: Path,
+    params: TrainParams = TrainParams(),
+    *,
+    catalog: pd.DataFrame | None = None,
+    run_evaluation: bool = True,
+    promote_bundle: bool = True,
+    progress: Progress | None = None,
+) -> tuple[Bundle, Evaluation | None]:
+    """Fit on every row, optionally evaluate with the protocol, and write the bundle."""
+    evaluation = None
+    if run_evaluation:
+        evaluation = evaluate(interactions, params, progress=_prefixed(progress, "evaluate: "))
+    clock = time.perf_counter()
+    users, user_codes = encode(interactions.user_ids)
+    items, item_codes = encode(interactions.playlist_ids)
+    fitted = fit(
+        user_codes, item_codes, interactions.weights, (len(users), len(items)), params,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - clock
+
+    def contents(directory: Path) -> None:
+        torch.save(fitted.ranker.state_dict(), directory / "weights.pt")
+        np.save(directory / "user_ids.npy", users.ids)
+        np.save(directory / "playlist_ids.npy", items.ids)
+        np.save(directory / "popularity.npy", fitted.popularity)
+        fitted.pairings.save(directory / "pairings")
+        if catalog is not None:
+            known = catalog[catalog["playlist_id"].isin(items.ids)]
+            known.to_parquet(directory / "catalog.parquet", index=False)
+
+    metadata = {
+        "data_fingerprint": interactions.fingerprint,
+        "data": {
+            "path": str(interactions.path),
+            "rows": len(interactions),
+            "users": len(users),
+            "playlists": len(items),
+            "matrix_entries": int(fitted.matrix.nnz),
+        },
+        "hyperparameters": params.as_dict(),
+        "model": model_spec(fitted),
+        "metrics": evaluation.as_dict() if evaluation else {},
+        "training": {
+            "seconds": round(seconds, 2),
+            "stages_seconds": {k: round(v, 2) for k, v in fitted.seconds.items()},
+            "final_loss": fitted.final_loss,
+            "cold_users": int((fitted.pairings.lengths() == 0).sum()),
+            "torch": torch.__version__,
+        },
+    }
+    bundle = write_bundle(
+        bundles_dir,
+        version=new_version(interactions.fingerprint),
+        metadata=metadata,
+        write_contents=contents,
+    )
+    if promote_bundle:
+        promote(bundles_dir, bundle.version)
+    return bundle, evaluation
+
+
+def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda stage, *args, **kwargs: progress(prefix + stage, *args, **kwargs)
+
+
+def model_spec(fitted: FittedModel) -> dict:
+    ranker = fitted.ranker
+    return {
+        "class": "training.ranker.Ranker",
+        "format": "torch.save(state_dict), weights_only",
+        "n_users": ranker.user_embedding.num_embeddings,
+        "n_items": ranker.item_embedding.num_embeddings,
+        "dim": ranker.user_embedding.embedding_dim,
+        "hidden": list(fitted.params.hidden),
+        "neighbours": ranker.neighbours,
+        "candidates": ranker.candidates,
+    }
+
+
+def load_ranker(bundle: Bundle) -> Ranker:
+    """The bundle's ranker with memory-mapped weights, ready for inference."""
+    spec = bundle.metadata["model"]
+    with torch.device("meta"):
+        ranker = Ranker(
+            spec["n_users"], spec["n_items"], dim=spec["dim"], hidden=tuple(spec["hidden"]),
+            neighbours=spec["neighbours"], candidates=spec["candidates"],
+        )
+    ranker.load_state_dict(bundle.load_state_dict(), assign=True)
+    ranker.user_embedding.weight.requires_grad_(False)
+    ranker.item_embedding.weight.requires_grad_(False)
+    return ranker.eval()
+
+
+def find_bundle_for(bundles_dir: Path, fingerprint: str) -> Bundle | None:
+    """The newest bundle trained on data with this fingerprint."""
+    matches = [b for b in list_bundles(bundles_dir) if b.metadata.get("data_fingerprint") == fingerprint]
+    return matches[-1] if matches else None
