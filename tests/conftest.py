@@ -1,0 +1,77 @@
+"""Shared fixtures. Tests that need Redis or Postgres use ENCORE_REDIS_URL / ENCORE_DATABASE_URL
+(defaults: loopback). Without the server they skip with a reason; under CI=true they fail."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REDIS_URL = os.environ.get("ENCORE_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATABASE_URL = os.environ.get("ENCORE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+LASTFM = Path(__file__).resolve().parents[2] / "shared" / "data" / "lastfm-2k"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _unavailable(what: str, exc: Exception) -> None:
+    message = f"{what} is not reachable ({exc}); set the URL or start the server"
+    if IN_CI:
+        pytest.fail(f"CI=true: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test gets its own ENCORE_HOME and no inherited store URLs."""
+    from encore.settings import get_settings
+
+    monkeypatch.setenv("ENCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ENCORE_REDIS_URL", raising=False)
+    monkeypatch.delenv("ENCORE_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A real Redis; a fresh key prefix is not needed because each test flushes its db."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        _unavailable(f"Redis at {REDIS_URL}", exc)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    """A real Postgres: a fresh schema-less database per test, dropped afterwards."""
+    import psycopg
+
+    name = f"encore_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(DATABASE_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        _unavailable(f"Postgres at {DATABASE_URL}", exc)
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = psycopg.conninfo.make_conninfo(DATABASE_URL, dbname=name)
+    yield url
+    with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def lastfm() -> Path:
+    if not (LASTFM / "user_artists.dat").exists():
+        pytest.skip(f"the Last.fm data set is not at {LASTFM}")
+    return LASTFM
