@@ -1,0 +1,171 @@
+"""The database of run records and feedback events: interfaces, records and migrations.
+
+Postgres when ENCORE_DATABASE_URL is set, SQLite under ENCORE_HOME otherwise. The schema is
+applied by ``encore db upgrade`` from numbered SQL files, one dialect per directory.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+RUN_KINDS = ("scheduled", "manual", "backfill")
+RUN_STATUSES = ("queued", "running", "published", "failed")
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    kind: str
+    status: str
+    model_version: str | None = None
+    target_run_id: str | None = None  # a backfill writes into this published run
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    users_total: int = 0
+    users_scored: int = 0
+    cold_users: int = 0
+    duration_seconds: float | None = None
+    drift_score: float | None = None
+    drift_pvalue: float | None = None
+    popularity_deciles: list[int] | None = None
+    error: str | None = None
+
+    @property
+    def cold_fraction(self) -> float | None:
+        return self.cold_users / self.users_total if self.users_total else None
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, datetime):
+                data[key] = value.isoformat()
+        data["cold_fraction"] = self.cold_fraction
+        data["progress"] = (
+            round(self.users_scored / self.users_total, 4) if self.users_total else None
+        )
+        return data
+
+
+RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
+
+
+@dataclass(frozen=True)
+class FeedbackEvent:
+    event_id: uuid.UUID
+    user_id: int
+    run_id: str
+    liked_playlist_id: int
+    shown_playlist_ids: list[int]
+    model_version: str | None = None
+    created_at: datetime | None = field(default=None, compare=False)
+
+    def same_event(self, other: FeedbackEvent) -> bool:
+        """Whether a retry carries the event that was stored (not another one reusing its id)."""
+        return (
+            self.user_id == other.user_id
+            and self.run_id == other.run_id
+            and self.liked_playlist_id == other.liked_playlist_id
+            and list(self.shown_playlist_ids) == list(other.shown_playlist_ids)
+        )
+
+
+class FeedbackConflict(Exception):
+    """An event id that is already stored for a different event."""
+
+
+def new_run_id(now: datetime) -> str:
+    return f"{now:%Y%m%dT%H%M%S}Z-{uuid.uuid4().hex[:6]}"
+
+
+def migrations(dialect: str) -> list[tuple[int, str, str]]:
+    """(number, name, sql) of every migration file of a dialect, in order."""
+    folder = resources.files("encore.database") / "migrations" / dialect
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            number = int(entry.name.split("_", 1)[0])
+            found.append((number, entry.name, entry.read_text()))
+    return sorted(found)
+
+
+class Database(ABC):
+    """Synchronous side: the batch job, the scheduler and the CLI."""
+
+    dialect: str
+
+    @abstractmethod
+    def upgrade(self) -> list[str]:
+        """Apply pending migrations; return the names applied."""
+
+    @abstractmethod
+    def create_run(self, record: RunRecord) -> None: ...
+
+    @abstractmethod
+    def update_run(self, run_id: str, **values: Any) -> None: ...
+
+    @abstractmethod
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    def list_runs(self, *, limit: int = 50) -> list[RunRecord]: ...
+
+    @abstractmethod
+    def last_published(self, *, full_only: bool = True) -> RunRecord | None:
+        """The most recently finished published run (full runs only, by default)."""
+
+    @abstractmethod
+    def run_lock(self, owner: str) -> AbstractContextManager[None]:
+        """Hold the cluster-wide run lock; raise :class:`~encore.errors.RunLocked` if taken."""
+
+    @abstractmethod
+    def feedback_since(self, since: datetime, *, chunk: int = 10_000) -> Iterator[list[FeedbackEvent]]:
+        """Feedback events created at or after ``since``, in chunks, oldest first."""
+
+    @abstractmethod
+    def ping(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncDatabase(ABC):
+    """Async side for the API server."""
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def insert_feedback(self, event: FeedbackEvent) -> bool:
+        """Store the event durably; False when that event id was already stored.
+
+        Raises :class:`FeedbackConflict` when the id is stored for a different event.
+        """
+
+    @abstractmethod
+    async def create_run(self, record: RunRecord) -> None: ...
+
+    @abstractmethod
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    async def list_runs(self, *, limit: int = 50) -> list[RunRecord]: ...
+
+    @abstractmethod
+    async def ping(self) -> None: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...

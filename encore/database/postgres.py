@@ -1,0 +1,279 @@
+"""Postgres backend (psycopg 3 and psycopg_pool) of run records, feedback and the run lock."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+
+from encore.database.base import (
+    RUN_FIELDS,
+    AsyncDatabase,
+    Database,
+    FeedbackConflict,
+    FeedbackEvent,
+    RunRecord,
+    migrations,
+)
+from encore.errors import RunLocked, StoreUnavailable
+
+logger = logging.getLogger("encore.database.postgres")
+
+# Any constant works; it names the lock "the nightly run" for every replica.
+RUN_LOCK_KEY = 0x656E636F7265  # "encore"
+MIGRATION_LOCK_KEY = RUN_LOCK_KEY + 1
+UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
+
+INSERT_FEEDBACK = """
+INSERT INTO feedback (event_id, user_id, run_id, model_version, liked_playlist_id,
+                      shown_playlist_ids)
+VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+SELECT_FEEDBACK = (
+    "SELECT event_id, user_id, run_id, liked_playlist_id, shown_playlist_ids, model_version,"
+    " created_at FROM feedback"
+)
+
+
+def _run_from_row(row: dict[str, Any]) -> RunRecord:
+    return RunRecord(**{name: row[name] for name in RUN_FIELDS})
+
+
+def _run_values(record: RunRecord) -> dict[str, Any]:
+    values = {name: getattr(record, name) for name in RUN_FIELDS}
+    values["popularity_deciles"] = (
+        Jsonb(record.popularity_deciles) if record.popularity_deciles is not None else None
+    )
+    return values
+
+
+def _insert_run_sql(values: dict[str, Any]) -> str:
+    present = [k for k, v in values.items() if v is not None]
+    return (
+        f"INSERT INTO runs ({', '.join(present)}) "
+        f"VALUES ({', '.join('%(' + k + ')s' for k in present)})"
+    )
+
+
+def _update_sql(values: dict[str, Any]) -> str:
+    unknown = set(values) - set(RUN_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown run record fields: {sorted(unknown)}")
+    return f"UPDATE runs SET {', '.join(f'{k} = %({k})s' for k in values)} WHERE run_id = %(_id)s"
+
+
+def _adapt(values: dict[str, Any]) -> dict[str, Any]:
+    if values.get("popularity_deciles") is not None:
+        values = {**values, "popularity_deciles": Jsonb(values["popularity_deciles"])}
+    return values
+
+
+class PostgresDatabase(Database):
+    dialect = "postgres"
+
+    def __init__(self, url: str, *, max_size: int = 4, timeout_seconds: float = 10.0) -> None:
+        self.url = url
+        self.pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            timeout=timeout_seconds,
+            kwargs={"row_factory": dict_row, "autocommit": True},
+            open=False,
+            name="encore-sync",
+        )
+        try:
+            self.pool.open(wait=True, timeout=timeout_seconds)
+        except UNAVAILABLE as exc:
+            self.pool.close()
+            raise StoreUnavailable(f"Postgres at {_safe(url)} is unreachable: {exc}") from exc
+
+    @contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection]:
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+
+    def upgrade(self) -> list[str]:
+        applied: list[str] = []
+        with self._conn() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+            try:
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY,"
+                    " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {r["version"] for r in conn.execute("SELECT version FROM schema_migrations")}
+                for number, name, sql in migrations(self.dialect):
+                    if number in done:
+                        continue
+                    with conn.transaction():
+                        conn.execute(sql)
+                        conn.execute(
+                            "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                            (number, name),
+                        )
+                    applied.append(name)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+        return applied
+
+    def create_run(self, record: RunRecord) -> None:
+        values = _run_values(record)
+        with self._conn() as conn:
+            conn.execute(_insert_run_sql(values), values)
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        with self._conn() as conn:
+            conn.execute(_update_sql(values), {**_adapt(values), "_id": run_id})
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM runs WHERE run_id = %s", (run_id,)).fetchone()
+        return _run_from_row(row) if row else None
+
+    def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT * FROM runs ORDER BY created_at DESC LIMIT %s", (limit,)
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def last_published(self, *, full_only: bool = True) -> RunRecord | None:
+        kinds = "AND target_run_id IS NULL" if full_only else ""
+        with self._conn() as conn:
+            row = conn.execute(
+                f"SELECT * FROM runs WHERE status = 'published' {kinds} "
+                "ORDER BY finished_at DESC LIMIT 1"
+            ).fetchone()
+        return _run_from_row(row) if row else None
+
+    @contextmanager
+    def run_lock(self, owner: str) -> Iterator[None]:
+        # A session-level advisory lock on a dedicated connection: if this process dies,
+        # Postgres drops the session and the lock with it.
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+        with conn:
+            (got,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
+            if not got:
+                raise RunLocked(
+                    "another run holds the run lock (Postgres advisory lock "
+                    f"{RUN_LOCK_KEY}); refusing to start run {owner!r}"
+                )
+            try:
+                yield
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
+
+    def feedback_since(
+        self, since: datetime, *, chunk: int = 10_000
+    ) -> Iterator[list[FeedbackEvent]]:
+        with self._conn() as conn, conn.transaction():
+            # A named (server-side) cursor streams the rows instead of loading them all.
+            with conn.cursor(name="feedback_export") as cursor:
+                cursor.execute(
+                    f"{SELECT_FEEDBACK} WHERE created_at >= %s ORDER BY created_at, event_id",
+                    (since,),
+                )
+                while rows := cursor.fetchmany(chunk):
+                    yield [FeedbackEvent(**row) for row in rows]
+
+    def ping(self) -> None:
+        with self._conn() as conn:
+            conn.execute("SELECT 1")
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class AsyncPostgresDatabase(AsyncDatabase):
+    def __init__(
+        self, url: str, *, min_size: int = 2, max_size: int = 10, timeout_seconds: float = 5.0
+    ) -> None:
+        self.url = url
+        self.timeout = timeout_seconds
+        self.pool = AsyncConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout_seconds,
+            kwargs={"row_factory": dict_row, "autocommit": True},
+            open=False,
+            name="encore-api",
+        )
+
+    async def open(self) -> None:
+        try:
+            await self.pool.open(wait=True, timeout=self.timeout)
+        except UNAVAILABLE as exc:
+            await self.pool.close()
+            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+
+    async def _fetch(self, sql: str, params: Any = None, *, one: bool = False):
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(sql, params)
+                if cursor.description is None:
+                    return None
+                return await (cursor.fetchone() if one else cursor.fetchall())
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+
+    async def insert_feedback(self, event: FeedbackEvent) -> bool:
+        row = await self._fetch(
+            INSERT_FEEDBACK,
+            (
+                event.event_id, event.user_id, event.run_id, event.model_version,
+                event.liked_playlist_id, list(event.shown_playlist_ids),
+            ),
+            one=True,
+        )
+        if row is not None:
+            return True
+        stored = await self._fetch(f"{SELECT_FEEDBACK} WHERE event_id = %s", (event.event_id,), one=True)
+        if stored is not None and not event.same_event(FeedbackEvent(**stored)):
+            raise FeedbackConflict(str(event.event_id))
+        return False
+
+    async def create_run(self, record: RunRecord) -> None:
+        values = _run_values(record)
+        await self._fetch(_insert_run_sql(values), values)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        row = await self._fetch("SELECT * FROM runs WHERE run_id = %s", (run_id,), one=True)
+        return _run_from_row(row) if row else None
+
+    async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
+        rows = await self._fetch("SELECT * FROM runs ORDER BY created_at DESC LIMIT %s", (limit,))
+        return [_run_from_row(r) for r in rows]
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
+
+    async def aclose(self) -> None:
+        await self.pool.close()
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<invalid database URL>"
+    info.pop("password", None)
+    return json.dumps({k: v for k, v in info.items() if k in ("host", "port", "dbname", "user")})

@@ -1,0 +1,246 @@
+"""SQLite backend of run records and feedback (the embedded default); a file lock for runs."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from encore.database.base import (
+    RUN_FIELDS,
+    AsyncDatabase,
+    Database,
+    FeedbackConflict,
+    FeedbackEvent,
+    RunRecord,
+    migrations,
+)
+from encore.errors import RunLocked, StoreUnavailable
+
+TIME_FIELDS = ("created_at", "started_at", "finished_at")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: an acknowledged feedback event survives a power cut, not only a crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot open the SQLite database {path}: {exc}") from exc
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _to_text(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, list):
+        return json.dumps(value)
+    return value
+
+
+def _run_from_row(row: sqlite3.Row) -> RunRecord:
+    values = {name: row[name] for name in RUN_FIELDS}
+    for name in TIME_FIELDS:
+        if values[name]:
+            values[name] = datetime.fromisoformat(values[name])
+    if values["popularity_deciles"]:
+        values["popularity_deciles"] = json.loads(values["popularity_deciles"])
+    return RunRecord(**values)
+
+
+def _event_from_row(row: sqlite3.Row) -> FeedbackEvent:
+    return FeedbackEvent(
+        event_id=uuid.UUID(row["event_id"]),
+        user_id=row["user_id"],
+        run_id=row["run_id"],
+        liked_playlist_id=row["liked_playlist_id"],
+        shown_playlist_ids=json.loads(row["shown_playlist_ids"]),
+        model_version=row["model_version"],
+        created_at=datetime.fromisoformat(row["created_at"]),
+    )
+
+
+def _insert_run(conn: sqlite3.Connection, record: RunRecord) -> None:
+    values = {name: _to_text(getattr(record, name)) for name in RUN_FIELDS}
+    values["created_at"] = values["created_at"] or _to_text(datetime.now(UTC))
+    present = [k for k, v in values.items() if v is not None]
+    conn.execute(
+        f"INSERT INTO runs ({', '.join(present)}) VALUES ({', '.join('?' * len(present))})",
+        [values[k] for k in present],
+    )
+
+
+def _list_runs(conn: sqlite3.Connection, limit: int) -> list[RunRecord]:
+    rows = conn.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,))
+    return [_run_from_row(r) for r in rows]
+
+
+def _get_run(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
+    row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    return _run_from_row(row) if row else None
+
+
+class SQLiteDatabase(Database):
+    dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = _connect(path)
+
+    def upgrade(self) -> list[str]:
+        applied = []
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+                " name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            done = {r[0] for r in self.conn.execute("SELECT version FROM schema_migrations")}
+            for number, name, sql in migrations(self.dialect):
+                if number in done:
+                    continue
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                    (number, name, _to_text(datetime.now(UTC))),
+                )
+                applied.append(name)
+        return applied
+
+    def create_run(self, record: RunRecord) -> None:
+        _insert_run(self.conn, record)
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        unknown = set(values) - set(RUN_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown run record fields: {sorted(unknown)}")
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        self.conn.execute(
+            f"UPDATE runs SET {assignments} WHERE run_id = ?",
+            [_to_text(v) for v in values.values()] + [run_id],
+        )
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        return _get_run(self.conn, run_id)
+
+    def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
+        return _list_runs(self.conn, limit)
+
+    def last_published(self, *, full_only: bool = True) -> RunRecord | None:
+        kinds = "AND target_run_id IS NULL" if full_only else ""
+        row = self.conn.execute(
+            f"SELECT * FROM runs WHERE status = 'published' {kinds} "
+            "ORDER BY finished_at DESC LIMIT 1"
+        ).fetchone()
+        return _run_from_row(row) if row else None
+
+    @contextmanager
+    def run_lock(self, owner: str) -> Iterator[None]:
+        # flock is released by the kernel when the holder dies, like an advisory lock.
+        lock_path = self.path.with_name("run.lock")
+        with lock_path.open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise RunLocked(
+                    f"another run holds the run lock ({lock_path}); refusing to start run {owner!r}"
+                ) from exc
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def feedback_since(
+        self, since: datetime, *, chunk: int = 10_000
+    ) -> Iterator[list[FeedbackEvent]]:
+        cursor = self.conn.execute(
+            "SELECT * FROM feedback WHERE created_at >= ? ORDER BY created_at, event_id",
+            (_to_text(since),),
+        )
+        while rows := cursor.fetchmany(chunk):
+            yield [_event_from_row(r) for r in rows]
+
+    def ping(self) -> None:
+        try:
+            self.conn.execute("SELECT 1")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite database {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class AsyncSQLiteDatabase(AsyncDatabase):
+    """One connection guarded by a lock; calls run in worker threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    async def open(self) -> None:
+        self.conn = await asyncio.to_thread(_connect, self.path)
+
+    async def _run(self, fn, *args):
+        def call():
+            if self.conn is None:
+                raise StoreUnavailable(f"SQLite database {self.path} is not open")
+            with self._lock:
+                try:
+                    return fn(self.conn, *args)
+                except sqlite3.OperationalError as exc:
+                    raise StoreUnavailable(f"SQLite database {self.path}: {exc}") from exc
+
+        return await asyncio.to_thread(call)
+
+    async def insert_feedback(self, event: FeedbackEvent) -> bool:
+        def insert(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                (
+                    str(event.event_id), event.user_id, event.run_id, event.model_version,
+                    event.liked_playlist_id, json.dumps(list(event.shown_playlist_ids)),
+                    _to_text(datetime.now(UTC)),
+                ),
+            )
+            if cursor.rowcount == 1:
+                return True
+            row = conn.execute(
+                "SELECT * FROM feedback WHERE event_id = ?", (str(event.event_id),)
+            ).fetchone()
+            if row is not None and not event.same_event(_event_from_row(row)):
+                raise FeedbackConflict(str(event.event_id))
+            return False
+
+        return await self._run(insert)
+
+    async def create_run(self, record: RunRecord) -> None:
+        await self._run(_insert_run, record)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        return await self._run(_get_run, run_id)
+
+    async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
+        return await self._run(_list_runs, limit)
+
+    async def ping(self) -> None:
+        await self._run(lambda c: c.execute("SELECT 1").fetchone())
+
+    async def aclose(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None

@@ -1,0 +1,28 @@
+"""Online store factories: Redis when ENCORE_REDIS_URL is set, SQLite under ENCORE_HOME otherwise."""
+
+from __future__ import annotations
+
+from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo, truncate
+from encore.settings import Settings
+
+__all__ = ["AsyncOnlineReader", "OnlineStore", "RunInfo", "open_online_reader", "open_online_store", "truncate"]
+
+
+def open_online_store(settings: Settings) -> OnlineStore:
+    if settings.redis_url:
+        from encore.online.redis_store import RedisOnlineStore
+
+        return RedisOnlineStore(settings.redis_url)
+    from encore.online.sqlite_store import SQLiteOnlineStore
+
+    return SQLiteOnlineStore(settings.sqlite_online_path)
+
+
+def open_online_reader(settings: Settings) -> AsyncOnlineReader:
+    if settings.redis_url:
+        from encore.online.redis_store import AsyncRedisReader
+
+        return AsyncRedisReader(settings.redis_url)
+    from encore.online.sqlite_store import AsyncSQLiteReader
+
+    return AsyncSQLiteReader(settings.sqlite_online_path)

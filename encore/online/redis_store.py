@@ -1,0 +1,237 @@
+"""Redis backend of the online store (production).
+
+Keys, with ``{run}`` a hash tag so one run's keys share a cluster slot::
+
+    encore:current               the published run id
+    encore:run:{id}:meta         hash: model_version, top_n, users, fallback, created_at, ...
+    encore:run:{id}:recs         hash: user id -> JSON bytes of the list
+    encore:run:{id}:names        hash: playlist id -> name (the page shows them)
+
+One hash per run makes a batch one HSET, a request one HMGET, and the grace period one
+EXPIRE per run rather than one per user.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from encore.errors import RunFailed, StoreUnavailable
+from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo
+
+logger = logging.getLogger("encore.online.redis")
+
+RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
+
+
+class _Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.current = f"{prefix}:current"
+
+    def meta(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{{{run_id}}}:meta"
+
+    def recs(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{{{run_id}}}:recs"
+
+    def names(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{{{run_id}}}:names"
+
+    def all(self, run_id: str) -> tuple[str, str, str]:
+        return self.meta(run_id), self.recs(run_id), self.names(run_id)
+
+
+def _info(run_id: str, meta: dict[bytes, bytes]) -> RunInfo | None:
+    if not meta:
+        return None
+    published = meta.get(b"published_at")
+    return RunInfo(
+        run_id=run_id,
+        model_version=meta[b"model_version"].decode(),
+        top_n=int(meta[b"top_n"]),
+        users=int(meta.get(b"users", b"0")),
+        fallback=meta[b"fallback"],
+        created_at=float(meta[b"created_at"]),
+        published_at=float(published) if published else None,
+    )
+
+
+class RedisOnlineStore(OnlineStore):
+    def __init__(
+        self, url: str, *, prefix: str = "encore", socket_timeout: float = 10.0
+    ) -> None:
+        self.url = url
+        self.keys = _Keys(prefix)
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=5.0,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 3),
+            retry_on_error=RETRY_ERRORS,
+            health_check_interval=30,
+        )
+        self._pending: dict[str, int] = {}  # runs this process is writing -> their TTL
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis at {self.url} is unreachable ({what}): {exc}") from exc
+
+    def begin_run(
+        self,
+        run_id: str,
+        *,
+        model_version: str,
+        top_n: int,
+        fallback: bytes,
+        names: dict[int, str] | None = None,
+        pending_ttl_seconds: int = 6 * 3600,
+    ) -> None:
+        meta, recs, names_key = self.keys.all(run_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(meta, recs, names_key)
+        pipe.hset(
+            meta,
+            mapping={
+                "model_version": model_version,
+                "top_n": top_n,
+                "fallback": fallback,
+                "created_at": repr(time.time()),
+                "users": 0,
+            },
+        )
+        if names:
+            pipe.hset(names_key, mapping={str(k): v for k, v in names.items()})
+        # An abandoned run's keys vanish by themselves; publish() removes the expiry.
+        for key in (meta, names_key):
+            pipe.expire(key, pending_ttl_seconds)
+        self._call("begin run", pipe.execute)
+        self._pending[run_id] = pending_ttl_seconds
+
+    def write_batch(self, run_id: str, user_ids: Sequence[int], payloads: Sequence[bytes]) -> None:
+        if not len(user_ids):
+            return
+        recs = self.keys.recs(run_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(recs, mapping=dict(zip(map(int, user_ids), payloads, strict=True)))
+        ttl = self._pending.get(run_id)
+        if ttl:
+            pipe.expire(recs, ttl)
+        self._call("write batch", pipe.execute)
+
+    def delete_users(self, run_id: str, user_ids: Sequence[int]) -> None:
+        if len(user_ids):
+            self._call("delete", self.client.hdel, self.keys.recs(run_id), *map(int, user_ids))
+
+    def count(self, run_id: str) -> int:
+        return int(self._call("count", self.client.hlen, self.keys.recs(run_id)))
+
+    def publish(self, run_id: str, *, expected_lists: int, grace_seconds: int) -> None:
+        meta, recs, names = self.keys.all(run_id)
+
+        def flip(pipe: redis.client.Pipeline) -> None:
+            previous = pipe.get(self.keys.current)
+            written = pipe.hlen(recs)
+            if not pipe.exists(meta):
+                raise RunFailed(f"run {run_id!r} has no keyspace in Redis (expired?)")
+            if written != expected_lists:
+                raise RunFailed(
+                    f"run {run_id!r} wrote {written} lists but {expected_lists} were expected"
+                )
+            pipe.multi()
+            pipe.persist(meta)
+            pipe.persist(recs)
+            pipe.persist(names)
+            pipe.hset(meta, mapping={"published_at": repr(time.time()), "users": written})
+            pipe.set(self.keys.current, run_id)
+            if previous and previous.decode() != run_id:
+                for key in self.keys.all(previous.decode()):
+                    pipe.expire(key, grace_seconds)
+
+        self._call("publish", self.client.transaction, flip, self.keys.current)
+        self._pending.pop(run_id, None)
+
+    def rollback(self, run_id: str, *, grace_seconds: int) -> RunInfo:
+        info = self.run_info(run_id)
+        if info is None or info.published_at is None:
+            raise RunFailed(
+                f"run {run_id!r} is no longer readable in Redis (its grace period ended or it "
+                "never published); only runs within the grace period can be restored"
+            )
+        self.publish(run_id, expected_lists=self.count(run_id), grace_seconds=grace_seconds)
+        return info
+
+    def discard(self, run_id: str) -> None:
+        self._call("discard", self.client.unlink, *self.keys.all(run_id))
+
+    def run_info(self, run_id: str) -> RunInfo | None:
+        return _info(run_id, self._call("run info", self.client.hgetall, self.keys.meta(run_id)))
+
+    def current(self) -> RunInfo | None:
+        run_id = self._call("current", self.client.get, self.keys.current)
+        return self.run_info(run_id.decode()) if run_id else None
+
+    def read(self, run_id: str, user_ids: Sequence[int]) -> list[bytes | None]:
+        if not len(user_ids):
+            return []
+        return self._call("read", self.client.hmget, self.keys.recs(run_id), list(user_ids))
+
+    def ping(self) -> None:
+        self._call("ping", self.client.ping)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncRedisReader(AsyncOnlineReader):
+    def __init__(self, url: str, *, prefix: str = "encore", socket_timeout: float = 2.0) -> None:
+        self.url = url
+        self.keys = _Keys(prefix)
+        self.client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=2.0,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
+            retry_on_error=RETRY_ERRORS,
+            max_connections=256,
+        )
+
+    async def _call(self, what: str, coro):
+        try:
+            return await coro
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis at {self.url} is unreachable ({what}): {exc}") from exc
+
+    async def current(self) -> RunInfo | None:
+        run_id = await self._call("current", self.client.get(self.keys.current))
+        if not run_id:
+            return None
+        meta = await self._call("run info", self.client.hgetall(self.keys.meta(run_id.decode())))
+        return _info(run_id.decode(), meta)
+
+    async def read(self, run_id: str, user_ids: Sequence[int]) -> list[bytes | None]:
+        if not user_ids:
+            return []
+        return await self._call("read", self.client.hmget(self.keys.recs(run_id), list(user_ids)))
+
+    async def names(self, run_id: str, playlist_ids: Sequence[int]) -> list[str | None]:
+        if not playlist_ids:
+            return []
+        raw = await self._call(
+            "names", self.client.hmget(self.keys.names(run_id), list(playlist_ids))
+        )
+        return [value.decode() if value is not None else None for value in raw]
+
+    async def ping(self) -> None:
+        await self._call("ping", self.client.ping())
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
