@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from encore import cli_ops
 from encore.console import configure_logging, console, stage_progress
 from encore.errors import EncoreError
 from encore.settings import get_settings
@@ -22,6 +23,13 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List and promote model bundles.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.command()(cli_ops.run)
+app.command()(cli_ops.backfill)
+app.add_typer(cli_ops.runs_app, name="runs")
+app.command()(cli_ops.serve)
+app.command()(cli_ops.scheduler)
+app.add_typer(cli_ops.db_app, name="db")
+app.add_typer(cli_ops.feedback_app, name="feedback")
 
 InteractionsOpt = Annotated[
     Path, typer.Option("--interactions", "-i", help="CSV, TSV or Parquet interactions file.")
@@ -49,7 +57,8 @@ def generate(
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
 ) -> None:
     """Write a realistic synthetic data set (interactions.parquet, catalog.parquet)."""
-    from training.synthetic import SyntheticSpec, generate as run_generate
+    from training.synthetic import SyntheticSpec
+    from training.synthetic import generate as run_generate
 
     with stage_progress() as progress:
         data = run_generate(

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from datetime import time
 from functools import lru_cache
-from typing import Annotated
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,185 @@
+"""Operational commands: runs, backfill, database, feedback export, scheduler, server."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from encore.console import console, stage_progress
+from encore.errors import InputError
+from encore.settings import get_settings
+
+runs_app = typer.Typer(help="Inspect published runs and roll back.", no_args_is_help=True)
+db_app = typer.Typer(help="The run-record and feedback database.", no_args_is_help=True)
+feedback_app = typer.Typer(help="Feedback events.", no_args_is_help=True)
+
+
+def run(
+    run_id: Annotated[
+        str | None, typer.Option(help="Use a run record created by POST /v1/runs.")
+    ] = None,
+    kind: Annotated[str, typer.Option(help="manual, scheduled or backfill.")] = "manual",
+) -> None:
+    """Score every user with the promoted model and publish the run now."""
+    from scheduler.job import run_full
+
+    with stage_progress() as progress:
+        record = run_full(get_settings(), kind=kind, run_id=run_id, progress=progress)
+    _print_run(record)
+
+
+def backfill(
+    users: Annotated[
+        Path | None, typer.Option(help="File of user ids, one per line (or a user_id column).")
+    ] = None,
+    all_users: Annotated[bool, typer.Option("--all", help="A new full run of every user.")] = False,
+    run_id: Annotated[str | None, typer.Option(help="Use a queued run record.")] = None,
+) -> None:
+    """Rescore some users into the current run, or everyone into a new run (--all)."""
+    from scheduler.job import run_backfill, run_full
+
+    if users is None and not all_users:
+        raise typer.BadParameter("give --users FILE or --all")
+    if users is not None and all_users:
+        raise typer.BadParameter("--users and --all exclude each other")
+    settings = get_settings()
+    with stage_progress() as progress:
+        if all_users:
+            record = run_full(settings, kind="backfill", run_id=run_id, progress=progress)
+        else:
+            ids = read_user_ids(users)
+            record = run_backfill(settings, ids, run_id=run_id, progress=progress)
+    _print_run(record)
+
+
+def read_user_ids(path: Path) -> list[int]:
+    """User ids, one per line; a first line ``user_id`` is a header; blank lines are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read the file: {exc}") from exc
+    ids: list[int] = []
+    for number, raw in enumerate(lines, start=1):
+        text = raw.strip().split(",")[0].strip()
+        if not text or (number == 1 and text == "user_id"):
+            continue
+        if not text.isdigit():
+            raise InputError(path, "not a non-negative integer user id", line=number,
+                             column="user_id", value=text)
+        ids.append(int(text))
+    if not ids:
+        raise InputError(path, "no user ids in the file")
+    return ids
+
+
+@runs_app.command("list")
+def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
+    """Recent runs, newest first."""
+    from encore.database import open_database
+    from encore.online import open_online_store
+
+    settings = get_settings()
+    with open_database(settings) as db, open_online_store(settings) as store:
+        if db.dialect == "sqlite":
+            db.upgrade()
+        current = store.current()
+        records = db.list_runs(limit=limit)
+    table = Table()
+    for column in ("", "run", "kind", "status", "model", "users", "cold", "seconds", "drift"):
+        table.add_column(column, no_wrap=True)
+    for r in records:
+        table.add_row(
+            "*" if current and r.run_id == current.run_id else "",
+            r.run_id, r.kind, r.status, r.model_version or "-", f"{r.users_scored:,}",
+            f"{r.cold_users:,}", f"{r.duration_seconds:.1f}" if r.duration_seconds else "-",
+            f"{r.drift_score:.4f}" if r.drift_score is not None else "-",
+        )
+    console.print(table)
+    console.print("* marks the run being served")
+
+
+@runs_app.command("show")
+def runs_show(run_id: Annotated[str, typer.Argument()]) -> None:
+    """One run record as JSON."""
+    from encore.database import open_database
+    from encore.errors import EncoreError
+
+    with open_database(get_settings()) as db:
+        record = db.get_run(run_id)
+    if record is None:
+        raise EncoreError(f"no run {run_id!r}")
+    print(json.dumps(record.as_json(), indent=2))
+
+
+@runs_app.command("rollback")
+def runs_rollback(run_id: Annotated[str, typer.Argument()]) -> None:
+    """Serve an earlier published run again (within its grace period)."""
+    from scheduler.job import rollback
+
+    record = rollback(get_settings(), run_id)
+    console.print(f"now serving run {record.run_id} (model {record.model_version})")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the pending schema migrations."""
+    from encore.database import open_database
+
+    with open_database(get_settings()) as db:
+        applied = db.upgrade()
+    console.print(f"applied {', '.join(applied)}" if applied else "the schema is up to date")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    since: Annotated[datetime, typer.Option(help="Events created at or after this time (UTC).")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write.")],
+) -> None:
+    """Write feedback events as Parquet, for retraining."""
+    from encore.feedback_export import export_feedback
+
+    since = since if since.tzinfo else since.replace(tzinfo=UTC)
+    rows = export_feedback(get_settings(), since, out)
+    console.print(f"wrote {rows:,} feedback events since {since.isoformat()} to {out}")
+
+
+def scheduler() -> None:
+    """Run the nightly schedule (APScheduler) and serve its metrics."""
+    from scheduler.cron import run_scheduler
+
+    run_scheduler(get_settings())
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [ENCORE_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [ENCORE_PORT].")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Serve the HTTP API, the feedback page and /metrics."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "model_server.main:app",
+        host=host or settings.host,
+        port=port if port is not None else settings.port,
+        workers=workers,
+        log_level="info",
+        access_log=False,
+    )
+
+
+def _print_run(record) -> None:
+    cold = f"{record.cold_fraction:.2%}" if record.cold_fraction is not None else "-"
+    drift = f", drift {record.drift_score:.4f}" if record.drift_score is not None else ""
+    target = f" into run {record.target_run_id}" if record.target_run_id else ""
+    console.print(
+        f"run [bold]{record.run_id}[/] ({record.kind}) {record.status}{target}: "
+        f"{record.users_scored:,} users, {record.cold_users:,} cold ({cold}), "
+        f"model {record.model_version}, {record.duration_seconds or 0:.1f} s{drift}"
+    )

@@ -1,0 +1,114 @@
+"""The scheduler's Prometheus metrics (names in encore.metrics).
+
+Figures about the last published run are read from the run records at scrape time, so they
+are right whichever process ran it (the scheduler, `encore run`, or the API). Histograms and
+counters describe the runs this process did.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from encore import metrics as names
+from encore.database import Database, RunRecord
+
+logger = logging.getLogger("encore.scheduler.metrics")
+
+
+class RunMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.batch_seconds = Histogram(
+            names.BATCH_SECONDS, "Score and write time of one batch of users.",
+            buckets=names.BATCH_BUCKETS, registry=registry,
+        )
+        self.failures = Counter(
+            names.RUN_FAILURES.removesuffix("_total"), "Runs that failed, by reason.",
+            ["reason"], registry=registry,
+        )
+        self.lock_contention = Counter(
+            names.LOCK_CONTENTION.removesuffix("_total"),
+            "Runs refused because another run held the lock.", registry=registry,
+        )
+        self.runs = Counter(
+            names.RUNS.removesuffix("_total"), "Runs finished, by kind and status.",
+            ["kind", "status"], registry=registry,
+        )
+        self.deciles = DecileHistogram()
+        registry.register(self.deciles)
+
+    def add_database(self, open_db: Callable[[], Database]) -> None:
+        self.registry.register(LastRunCollector(open_db))
+
+
+class DecileHistogram(Collector):
+    """Popularity decile of every recommended playlist, added per batch in bulk.
+
+    prometheus_client's Histogram observes one value at a time; a run recommends millions of
+    playlists, so the counts per decile are accumulated and exposed as a histogram family.
+    """
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(10, dtype=np.int64)
+
+    def add(self, counts: np.ndarray) -> None:
+        self.counts += np.asarray(counts, dtype=np.int64)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative = np.cumsum(self.counts)
+        buckets = [(f"{d}.0", float(c)) for d, c in zip(range(1, 11), cumulative, strict=True)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        total = float((self.counts * np.arange(1, 11)).sum())
+        yield HistogramMetricFamily(
+            names.POPULARITY_DECILE,
+            "Popularity decile (1 = most popular tenth) of each recommended playlist.",
+            buckets=buckets,
+            sum_value=total,
+        )
+
+
+class LastRunCollector(Collector):
+    def __init__(self, open_db: Callable[[], Database]) -> None:
+        self.open_db = open_db
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            with self.open_db() as db:
+                run = db.last_published()
+        except Exception as exc:  # a scrape must not fail because the database is down
+            logger.warning("cannot read the last published run for metrics: %s", exc)
+            return
+        if run is None:
+            return
+        yield from _run_gauges(run)
+
+
+def _run_gauges(run: RunRecord) -> Iterator[GaugeMetricFamily]:
+    def gauge(name: str, doc: str, value: float | None) -> Iterator[GaugeMetricFamily]:
+        if value is not None:
+            family = GaugeMetricFamily(name, doc)
+            family.add_metric([], float(value))
+            yield family
+
+    yield from gauge(
+        names.RUN_LAST_SUCCESS, "Finish time of the last published run (Unix seconds).",
+        run.finished_at.timestamp() if run.finished_at else None,
+    )
+    yield from gauge(names.RUN_DURATION, "Duration of the last published run.", run.duration_seconds)
+    yield from gauge(names.RUN_USERS_SCORED, "Users scored by the last published run.", run.users_scored)
+    yield from gauge(names.RUN_COLD_USERS, "Users given the fallback in that run.", run.cold_users)
+    yield from gauge(names.RUN_COLD_FRACTION, "Cold users / users in that run.", run.cold_fraction)
+    yield from gauge(
+        names.RUN_DRIFT_SCORE, "PSI of the run's popularity deciles and cold share vs the run before.",
+        run.drift_score,
+    )
+    yield from gauge(
+        names.RUN_DRIFT_PVALUE, "Chi-square p-value of the decile distribution vs the run before.",
+        run.drift_pvalue,
+    )
