@@ -1,0 +1,139 @@
+# syntax=docker/dockerfile:1
+#
+# One image for every Encore service (migrate, trainer, scheduler, model_server): only the
+# command differs, see compose.yaml. Built as uv's Docker guide recommends
+# (https://docs.astral.sh/uv/guides/integration/docker/): uv copied from its distroless image,
+# a cache mount for uv's cache, bytecode compiled at install time, the locked dependencies in
+# their own layer before the project, and a slim runtime stage without uv or the sources.
+#
+# torch on the CPU
+# ----------------
+# uv.lock pins torch 2.15.0 from PyPI. Its Linux wheels depend, through
+# `sys_platform == 'linux'` markers, on the CUDA stack: several GB that no Encore service uses
+# (training and the nightly scoring run on CPUs). The CUDA-only packages of the lock are:
+#   torch -> cuda-bindings -> cuda-pathfinder
+#   torch -> cuda-toolkit[cublas,cudart,cufft,cufile,cupti,cusolver,cusparse,nvjitlink,nvrtc,nvtx]
+#            -> nvidia-cublas, nvidia-cuda-nvrtc, nvidia-cuda-runtime, nvidia-cufft,
+#               nvidia-nvjitlink, nvidia-cufile, nvidia-cuda-cupti, nvidia-cusolver,
+#               nvidia-cusparse, nvidia-nvtx
+#   torch -> nvidia-cudnn-cu13, nvidia-cusparselt-cu13, nvidia-nccl-cu13,
+#            nvidia-nvshmem-cu13 -> nvidia-cuda-cccl
+#   torch -> triton
+# So the builder
+#   1. syncs the lock without torch and without every package above (`--no-install-package`
+#      skips only the named package: torch's other dependencies, filelock, fsspec, jinja2,
+#      networkx, setuptools, sympy and typing-extensions, are still installed at their locked
+#      versions);
+#   2. installs the same torch version, as the CPU build (2.15.0+cpu), from PyTorch's CPU index,
+#      with --no-deps since its dependencies are already there;
+#   3. installs the project with the same exclusions and --inexact: an exact sync would
+#      uninstall the CPU torch, which the lock does not list under that version.
+# Only this file uses the CPU index; pyproject.toml and uv.lock stay on PyPI.
+# tests/test_deploy_files.py checks TORCH_VERSION and both exclusion lists against uv.lock:
+# after `uv lock --upgrade`, update them together.
+#
+# No HEALTHCHECK: the image runs four different services (two of them one-shot jobs), so each
+# service's check lives in compose.yaml.
+
+FROM python:3.11-slim-bookworm AS builder
+
+COPY --from=ghcr.io/astral-sh/uv:0.13.9 /uv /uvx /bin/
+
+# Compile bytecode at install time (faster start), copy from the cache mount instead of
+# hard-linking (the cache is on another file system), and use the image's own Python, which
+# sits at the same path in the runtime stage.
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=0
+
+ARG TORCH_VERSION=2.15.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+WORKDIR /app
+
+# 1. The locked dependencies, without the project, torch or the CUDA stack.
+RUN --mount=type=cache,target=/root/.cache/uv \
+    --mount=type=bind,source=uv.lock,target=uv.lock \
+    --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
+    uv sync --locked --no-dev --no-install-project --no-editable \
+        --no-install-package torch \
+        --no-install-package triton \
+        --no-install-package cuda-bindings \
+        --no-install-package cuda-pathfinder \
+        --no-install-package cuda-toolkit \
+        --no-install-package nvidia-cublas \
+        --no-install-package nvidia-cuda-cccl \
+        --no-install-package nvidia-cuda-cupti \
+        --no-install-package nvidia-cuda-nvrtc \
+        --no-install-package nvidia-cuda-runtime \
+        --no-install-package nvidia-cudnn-cu13 \
+        --no-install-package nvidia-cufft \
+        --no-install-package nvidia-cufile \
+        --no-install-package nvidia-cusolver \
+        --no-install-package nvidia-cusparse \
+        --no-install-package nvidia-cusparselt-cu13 \
+        --no-install-package nvidia-nccl-cu13 \
+        --no-install-package nvidia-nvjitlink \
+        --no-install-package nvidia-nvshmem-cu13 \
+        --no-install-package nvidia-nvtx
+
+# 2. The locked torch version, CPU build.
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv pip install --python /app/.venv/bin/python --no-deps \
+        --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+# 3. The project itself, non-editable so that the runtime stage needs only the environment.
+COPY . /app
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --locked --no-dev --no-editable --inexact \
+        --no-install-package torch \
+        --no-install-package triton \
+        --no-install-package cuda-bindings \
+        --no-install-package cuda-pathfinder \
+        --no-install-package cuda-toolkit \
+        --no-install-package nvidia-cublas \
+        --no-install-package nvidia-cuda-cccl \
+        --no-install-package nvidia-cuda-cupti \
+        --no-install-package nvidia-cuda-nvrtc \
+        --no-install-package nvidia-cuda-runtime \
+        --no-install-package nvidia-cudnn-cu13 \
+        --no-install-package nvidia-cufft \
+        --no-install-package nvidia-cufile \
+        --no-install-package nvidia-cusolver \
+        --no-install-package nvidia-cusparse \
+        --no-install-package nvidia-cusparselt-cu13 \
+        --no-install-package nvidia-nccl-cu13 \
+        --no-install-package nvidia-nvjitlink \
+        --no-install-package nvidia-nvshmem-cu13 \
+        --no-install-package nvidia-nvtx
+
+# Fail the build, not the first night, if torch is not the CPU build or the CLI cannot load.
+RUN /app/.venv/bin/python -c "import torch, encore.cli; assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__)"
+
+
+FROM python:3.11-slim-bookworm AS runtime
+
+# A fixed non-root user. /data is ENCORE_HOME; an empty named volume mounted there takes this
+# directory's owner, so the services can write bundles, pairings and SQLite files to it.
+RUN groupadd --system --gid 10001 encore \
+    && useradd --system --no-log-init --uid 10001 --gid encore \
+        --create-home --home-dir /home/encore --shell /usr/sbin/nologin encore \
+    && mkdir /data \
+    && chown encore:encore /data
+
+# The environment only (root-owned, read-only for the services): the project is installed in it.
+COPY --from=builder /app/.venv /app/.venv
+
+ENV PATH="/app/.venv/bin:${PATH}" \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    ENCORE_HOME=/data
+
+WORKDIR /home/encore
+USER 10001:10001
+
+# 8000: the API (model_server); 9101: the scheduler's Prometheus metrics.
+EXPOSE 8000 9101
+
+# The default service is the API; compose.yaml sets each service's command.
+CMD ["encore", "serve", "--host", "0.0.0.0", "--port", "8000"]
