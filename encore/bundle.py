@@ -51,6 +51,15 @@ class Bundle:
     def playlist_ids(self) -> np.ndarray:
         return np.load(self.path / "playlist_ids.npy", mmap_mode="r")
 
+    def user_codes(self, user_ids: np.ndarray) -> np.ndarray:
+        """Codes of ``user_ids`` in this bundle's id map; -1 where a user is unknown."""
+        known = np.asarray(self.user_ids())
+        ids = np.asarray(user_ids, dtype=np.int64)
+        if len(known) == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        position = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        return np.where(known[position] == ids, position, -1)
+
     def popularity(self) -> np.ndarray:
         return np.load(self.path / "popularity.npy")
 

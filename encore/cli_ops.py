@@ -69,8 +69,13 @@ def read_user_ids(path: Path) -> list[int]:
         if not text or (number == 1 and text == "user_id"):
             continue
         if not text.isdigit():
-            raise InputError(path, "not a non-negative integer user id", line=number,
-                             column="user_id", value=text)
+            raise InputError(
+                path,
+                "not a non-negative integer user id",
+                line=number,
+                column="user_id",
+                value=text,
+            )
         ids.append(int(text))
     if not ids:
         raise InputError(path, "no user ids in the file")
@@ -95,8 +100,13 @@ def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
     for r in records:
         table.add_row(
             "*" if current and r.run_id == current.run_id else "",
-            r.run_id, r.kind, r.status, r.model_version or "-", f"{r.users_scored:,}",
-            f"{r.cold_users:,}", f"{r.duration_seconds:.1f}" if r.duration_seconds else "-",
+            r.run_id,
+            r.kind,
+            r.status,
+            r.model_version or "-",
+            f"{r.users_scored:,}",
+            f"{r.cold_users:,}",
+            f"{r.duration_seconds:.1f}" if r.duration_seconds else "-",
             f"{r.drift_score:.4f}" if r.drift_score is not None else "-",
         )
     console.print(table)

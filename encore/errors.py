@@ -22,7 +22,11 @@ class InputError(EncoreError):
         value: object = None,
     ) -> None:
         self.path, self.reason, self.line, self.column, self.value = (
-            str(path), reason, line, column, value
+            str(path),
+            reason,
+            line,
+            column,
+            value,
         )
         where = self.path
         if line is not None:

@@ -61,8 +61,11 @@ def build_scheduler(settings: Settings, metrics: RunMetrics) -> BlockingSchedule
     if needs_catch_up(settings):
         logger.info("the last published run is older than a day (or missing): catching up now")
         scheduler.add_job(
-            nightly, args=(settings, metrics, "scheduled"), id="catch-up",
-            next_run_time=datetime.now(UTC), max_instances=1,
+            nightly,
+            args=(settings, metrics, "scheduled"),
+            id="catch-up",
+            next_run_time=datetime.now(UTC),
+            max_instances=1,
         )
     return scheduler
 
@@ -79,7 +82,8 @@ def run_scheduler(settings: Settings) -> None:
     scheduler = build_scheduler(settings, metrics)
     logger.info(
         "scheduler: nightly run at %s %s; metrics on :%d/metrics",
-        settings.schedule_time.strftime("%H:%M"), settings.schedule_timezone,
+        settings.schedule_time.strftime("%H:%M"),
+        settings.schedule_timezone,
         settings.scheduler_metrics_port,
     )
 

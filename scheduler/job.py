@@ -24,7 +24,6 @@ from encore.settings import Settings
 from scheduler.drift import compare_runs
 from scheduler.metrics import RunMetrics
 from scheduler.worker import BatchResult, Scorer, init_worker, score_batch
-from training.matrix import IdMap
 
 logger = logging.getLogger("encore.scheduler.job")
 
@@ -54,10 +53,17 @@ def run_full(
             bundle = promoted_bundle(settings.bundles_dir)
             n_users = len(bundle.user_ids())
             return _execute(
-                settings, db, store, record, bundle, metrics,
+                settings,
+                db,
+                store,
+                record,
+                bundle,
+                metrics,
                 write_into=record.run_id,
-                batches=[(s, min(n_users, s + settings.batch_size))
-                         for s in range(0, n_users, settings.batch_size)],
+                batches=[
+                    (s, min(n_users, s + settings.batch_size))
+                    for s in range(0, n_users, settings.batch_size)
+                ],
                 users_total=n_users,
                 top_n=settings.top_n,
                 progress=progress,
@@ -81,21 +87,30 @@ def run_backfill(
                 raise EncoreError("no published run to backfill into: run `encore run` first")
             bundle = open_bundle(settings.bundles_dir, current.model_version)
             wanted = np.unique(np.fromiter(user_ids, dtype=np.int64))
-            codes = IdMap(np.asarray(bundle.user_ids())).codes(wanted)
+            codes = bundle.user_codes(wanted)
             unknown = wanted[codes < 0]
             if len(unknown):
                 logger.warning(
                     "%d users are not in model %s and keep the fallback (first: %s)",
-                    len(unknown), bundle.version, unknown[:5].tolist(),
+                    len(unknown),
+                    bundle.version,
+                    unknown[:5].tolist(),
                 )
             known = np.sort(codes[codes >= 0])
             record.target_run_id = current.run_id
             db.update_run(record.run_id, target_run_id=current.run_id)
             return _execute(
-                settings, db, store, record, bundle, metrics,
+                settings,
+                db,
+                store,
+                record,
+                bundle,
+                metrics,
                 write_into=current.run_id,
-                batches=[known[s : s + settings.batch_size]
-                         for s in range(0, len(known), settings.batch_size)],
+                batches=[
+                    known[s : s + settings.batch_size]
+                    for s in range(0, len(known), settings.batch_size)
+                ],
                 users_total=len(known),
                 top_n=current.top_n,
                 progress=progress,
@@ -151,16 +166,16 @@ def _locked(db: Database, record: RunRecord, metrics: RunMetrics | None) -> Iter
             for other in db.list_runs(limit=20):
                 if other.status == "running" and other.run_id != record.run_id:
                     db.update_run(
-                        other.run_id, status="failed", finished_at=datetime.now(UTC),
+                        other.run_id,
+                        status="failed",
+                        finished_at=datetime.now(UTC),
                         error="interrupted: the process running it stopped before publishing",
                     )
             yield
     except RunLocked as exc:
         if metrics:
             metrics.lock_contention.inc()
-        db.update_run(
-            record.run_id, status="failed", error=str(exc), finished_at=datetime.now(UTC)
-        )
+        db.update_run(record.run_id, status="failed", error=str(exc), finished_at=datetime.now(UTC))
         raise
     except BaseException as exc:
         # Failures before scoring started (no bundle, no current run) still close the record.
@@ -191,7 +206,10 @@ def _execute(
     clock = time.perf_counter()
     full_run = write_into == record.run_id
     db.update_run(
-        record.run_id, status="running", model_version=bundle.version, started_at=started,
+        record.run_id,
+        status="running",
+        model_version=bundle.version,
+        started_at=started,
         users_total=users_total,
     )
     totals = Totals()
@@ -218,13 +236,16 @@ def _execute(
     try:
         if full_run:
             store.begin_run(
-                record.run_id, model_version=bundle.version, top_n=top_n,
-                fallback=fallback_payload(bundle, top_n), names=catalog_names(bundle),
+                record.run_id,
+                model_version=bundle.version,
+                top_n=top_n,
+                fallback=fallback_payload(bundle, top_n),
+                names=catalog_names(bundle),
             )
         report("score users", 0, users_total)
         if len(batches) <= 1 and not full_run:
             # A handful of users: spinning up a pool would cost more than scoring them.
-            scorer = Scorer.from_bundle(bundle.path, top_n)
+            scorer = Scorer(bundle.path, top_n)
             for batch in batches:
                 on_result(scorer.score(batch))
         else:
@@ -238,12 +259,16 @@ def _execute(
             values.update(_drift(db, totals, users_total))
             db.update_run(record.run_id, **values)
             store.publish(
-                record.run_id, expected_lists=totals.lists,
+                record.run_id,
+                expected_lists=totals.lists,
                 grace_seconds=settings.run_grace_seconds,
             )
         duration = time.perf_counter() - clock
         db.update_run(
-            record.run_id, **values, status="published", finished_at=datetime.now(UTC),
+            record.run_id,
+            **values,
+            status="published",
+            finished_at=datetime.now(UTC),
             duration_seconds=duration,
         )
     except BaseException as exc:
@@ -254,8 +279,11 @@ def _execute(
             except StoreUnavailable:
                 logger.warning("could not discard run %s (its keys expire)", record.run_id)
         db.update_run(
-            record.run_id, status="failed", finished_at=datetime.now(UTC),
-            duration_seconds=time.perf_counter() - clock, error=f"{reason}: {exc}",
+            record.run_id,
+            status="failed",
+            finished_at=datetime.now(UTC),
+            duration_seconds=time.perf_counter() - clock,
+            error=f"{reason}: {exc}",
         )
         if metrics:
             metrics.failures.labels(reason).inc()
@@ -265,8 +293,13 @@ def _execute(
         raise RunFailed(f"run {record.run_id} failed ({reason}): {exc}") from exc
     if metrics:
         metrics.runs.labels(record.kind, "published").inc()
-    logger.info("run %s published: %d lists, %d cold users in %.1f s",
-                record.run_id, totals.lists, totals.cold, duration)
+    logger.info(
+        "run %s published: %d lists, %d cold users in %.1f s",
+        record.run_id,
+        totals.lists,
+        totals.cold,
+        duration,
+    )
     return db.get_run(record.run_id)
 
 
@@ -326,8 +359,12 @@ def _drift(db: Database, totals: Totals, users_total: int) -> dict:
     if previous is None or not previous.popularity_deciles:
         return {}
     drift = compare_runs(
-        totals.deciles.tolist(), totals.cold, users_total,
-        previous.popularity_deciles, previous.cold_users, previous.users_total,
+        totals.deciles.tolist(),
+        totals.cold,
+        users_total,
+        previous.popularity_deciles,
+        previous.cold_users,
+        previous.users_total,
     )
     return {"drift_score": drift.score, "drift_pvalue": drift.chi2_pvalue}
 

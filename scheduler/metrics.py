@@ -25,20 +25,27 @@ class RunMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.batch_seconds = Histogram(
-            names.BATCH_SECONDS, "Score and write time of one batch of users.",
-            buckets=names.BATCH_BUCKETS, registry=registry,
+            names.BATCH_SECONDS,
+            "Score and write time of one batch of users.",
+            buckets=names.BATCH_BUCKETS,
+            registry=registry,
         )
         self.failures = Counter(
-            names.RUN_FAILURES.removesuffix("_total"), "Runs that failed, by reason.",
-            ["reason"], registry=registry,
+            names.RUN_FAILURES.removesuffix("_total"),
+            "Runs that failed, by reason.",
+            ["reason"],
+            registry=registry,
         )
         self.lock_contention = Counter(
             names.LOCK_CONTENTION.removesuffix("_total"),
-            "Runs refused because another run held the lock.", registry=registry,
+            "Runs refused because another run held the lock.",
+            registry=registry,
         )
         self.runs = Counter(
-            names.RUNS.removesuffix("_total"), "Runs finished, by kind and status.",
-            ["kind", "status"], registry=registry,
+            names.RUNS.removesuffix("_total"),
+            "Runs finished, by kind and status.",
+            ["kind", "status"],
+            registry=registry,
         )
         self.deciles = DecileHistogram()
         registry.register(self.deciles)
@@ -97,18 +104,25 @@ def _run_gauges(run: RunRecord) -> Iterator[GaugeMetricFamily]:
             yield family
 
     yield from gauge(
-        names.RUN_LAST_SUCCESS, "Finish time of the last published run (Unix seconds).",
+        names.RUN_LAST_SUCCESS,
+        "Finish time of the last published run (Unix seconds).",
         run.finished_at.timestamp() if run.finished_at else None,
     )
-    yield from gauge(names.RUN_DURATION, "Duration of the last published run.", run.duration_seconds)
-    yield from gauge(names.RUN_USERS_SCORED, "Users scored by the last published run.", run.users_scored)
+    yield from gauge(
+        names.RUN_DURATION, "Duration of the last published run.", run.duration_seconds
+    )
+    yield from gauge(
+        names.RUN_USERS_SCORED, "Users scored by the last published run.", run.users_scored
+    )
     yield from gauge(names.RUN_COLD_USERS, "Users given the fallback in that run.", run.cold_users)
     yield from gauge(names.RUN_COLD_FRACTION, "Cold users / users in that run.", run.cold_fraction)
     yield from gauge(
-        names.RUN_DRIFT_SCORE, "PSI of the run's popularity deciles and cold share vs the run before.",
+        names.RUN_DRIFT_SCORE,
+        "PSI of the run's popularity deciles and cold share vs the run before.",
         run.drift_score,
     )
     yield from gauge(
-        names.RUN_DRIFT_PVALUE, "Chi-square p-value of the decile distribution vs the run before.",
+        names.RUN_DRIFT_PVALUE,
+        "Chi-square p-value of the decile distribution vs the run before.",
         run.drift_pvalue,
     )

@@ -1,26 +1,26 @@
 """Scoring, as it runs inside each spawned worker process.
 
-The pool's initializer loads the bundle once per process (weights and pairings memory-mapped,
-so workers share the pages) and sets torch's thread count. A batch is one gather, one batched
-product and one ``torch.topk`` for 1000 users, and its lists come back already encoded as the
-JSON bytes the API will send.
+The pool's initializer loads the bundle once per process and sets torch's thread count. A
+batch is one gather, one batched product and one ``torch.topk`` for 1000 users, and its lists
+come back already encoded as the JSON bytes the API will send.
+
+This module imports torch only inside the workers: the parent process, which only writes
+results, stays small.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import orjson
-import torch
 
 from encore.bundle import open_bundle
-from training.fit import rank_users
-from training.pairing import Pairings
-from training.ranker import Ranker
-from training.train import load_ranker
+
+PAIRING_COLUMNS = ("items", "support", "neighbours")
 
 
 @dataclass(frozen=True)
@@ -32,42 +32,77 @@ class BatchResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class CandidateArrays:
+    """The pairings' CSR arrays (or a slice of them), as training.ranker.rank_users reads them."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+    support: np.ndarray
+    neighbours: np.ndarray
+
+
+class PairingsReader:
+    """Reads the candidates of a range of users with pread, not a memory map.
+
+    Each batch's slice is read into fresh memory and freed after the batch, so a worker's
+    resident memory stays at one batch rather than growing to every page it ever touched.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.indptr = np.load(directory / "indptr.npy")
+        self.columns: dict[str, tuple[int, int, np.dtype]] = {}
+        for name in PAIRING_COLUMNS:
+            path = directory / f"{name}.npy"
+            header = np.load(path, mmap_mode="r")  # only to learn the data offset and dtype
+            offset, dtype = header.offset, header.dtype
+            del header
+            self.columns[name] = (os.open(path, os.O_RDONLY), offset, dtype)
+
+    def slice(self, start: int, stop: int) -> CandidateArrays:
+        first, last = int(self.indptr[start]), int(self.indptr[stop])
+        arrays = []
+        for name in PAIRING_COLUMNS:
+            fd, offset, dtype = self.columns[name]
+            size = (last - first) * dtype.itemsize
+            raw = os.pread(fd, size, offset + first * dtype.itemsize)
+            arrays.append(np.frombuffer(raw, dtype=dtype))
+        return CandidateArrays(self.indptr[start : stop + 1] - first, *arrays)
+
+
 class Scorer:
     """Everything one process needs to turn user codes into encoded lists."""
 
-    def __init__(
-        self,
-        ranker: Ranker,
-        pairings: Pairings,
-        user_ids: np.ndarray,
-        playlist_ids: np.ndarray,
-        popularity: np.ndarray,
-        top_n: int,
-    ) -> None:
-        self.ranker = ranker
-        self.pairings = pairings
-        self.user_ids = np.asarray(user_ids)
-        self.playlist_ids = np.asarray(playlist_ids)
-        self.decile = popularity_deciles(popularity)
-        self.top_n = top_n
+    def __init__(self, bundle_path: str | Path, top_n: int) -> None:
+        from training.ranker import load_ranker
 
-    @classmethod
-    def from_bundle(cls, bundle_path: str | Path, top_n: int) -> Scorer:
         path = Path(bundle_path)
         bundle = open_bundle(path.parent, path.name)
-        return cls(
-            load_ranker(bundle),
-            Pairings.load(bundle.pairings_dir, mmap=True),
-            bundle.user_ids(),
-            bundle.playlist_ids(),
-            bundle.popularity(),
-            top_n,
+        self.ranker = load_ranker(bundle)
+        self.reader = PairingsReader(bundle.pairings_dir)
+        self.pairings = CandidateArrays(
+            *(
+                np.load(bundle.pairings_dir / f"{name}.npy", mmap_mode="r")
+                for name in ("indptr", *PAIRING_COLUMNS)
+            )
         )
+        self.user_ids = np.asarray(bundle.user_ids())
+        self.playlist_ids = np.asarray(bundle.playlist_ids())
+        self.decile = popularity_deciles(bundle.popularity())
+        self.top_n = top_n
+
+    def score_range(self, start: int, stop: int) -> BatchResult:
+        return self._score(np.arange(start, stop), self.reader.slice(start, stop), local=True)
 
     def score(self, codes: np.ndarray) -> BatchResult:
+        return self._score(np.asarray(codes, dtype=np.int64), self.pairings, local=False)
+
+    def _score(self, codes: np.ndarray, pairings: CandidateArrays, *, local: bool) -> BatchResult:
+        from training.ranker import rank_users
+
         clock = time.perf_counter()
-        codes = np.asarray(codes, dtype=np.int64)
-        top = rank_users(self.ranker, self.pairings, codes, self.top_n)
+        rows = np.arange(len(codes)) if local else None
+        top = rank_users(self.ranker, pairings, codes, self.top_n, rows=rows)
         has_list = top[:, 0] >= 0
         warm = top[has_list]
         valid = warm >= 0
@@ -97,7 +132,9 @@ def encode_lists(ids: np.ndarray, valid: np.ndarray) -> list[bytes]:
         return []
     if valid.all():
         # One orjson call for the whole batch, then split the rows apart.
-        body = orjson.dumps(np.ascontiguousarray(ids, dtype=np.int64), option=orjson.OPT_SERIALIZE_NUMPY)
+        body = orjson.dumps(
+            np.ascontiguousarray(ids, dtype=np.int64), option=orjson.OPT_SERIALIZE_NUMPY
+        )
         return [b"[" + row + b"]" for row in body[2:-2].split(b"],[")]
     return [orjson.dumps(row[ok].tolist()) for row, ok in zip(ids, valid, strict=True)]
 
@@ -107,14 +144,17 @@ _scorer: Scorer | None = None
 
 def init_worker(bundle_path: str, top_n: int, torch_threads: int) -> None:
     """ProcessPoolExecutor initializer: load the model once per process."""
+    import torch
+
     global _scorer
     torch.set_num_threads(torch_threads)
-    _scorer = Scorer.from_bundle(bundle_path, top_n)
+    _scorer = Scorer(bundle_path, top_n)
 
 
 def score_batch(batch: tuple[int, int] | np.ndarray) -> BatchResult:
     """Score a code range ``(start, stop)`` or an array of user codes in a worker."""
     if _scorer is None:  # pragma: no cover - the initializer always ran in a pool worker
         raise RuntimeError("score_batch called outside an initialized worker")
-    codes = np.arange(*batch) if isinstance(batch, tuple) else batch
-    return _scorer.score(codes)
+    if isinstance(batch, tuple):
+        return _scorer.score_range(*batch)
+    return _scorer.score(batch)

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from training.fit import FittedModel, Progress, TrainParams, fit, rank_users
+from training.fit import FittedModel, Progress, TrainParams, fit
 from training.ingest import Interactions
 from training.matrix import encode
 from training.protocol import CUTOFF, RankingMetrics, holdout_mask, ranking_metrics
+from training.ranker import rank_users
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,11 @@ def evaluate(
     held = holdout_mask(user_codes)
     clock = time.perf_counter()
     fitted = fit(
-        user_codes[~held], item_codes[~held], interactions.weights[~held], shape, params,
+        user_codes[~held],
+        item_codes[~held],
+        interactions.weights[~held],
+        shape,
+        params,
         progress=progress,
     )
     train_seconds = time.perf_counter() - clock
@@ -78,7 +83,9 @@ def recommend_all(fitted: FittedModel, *, k: int = CUTOFF, batch_users: int = 40
         top[users] = rank_users(fitted.ranker, fitted.pairings, users, k)
     short = np.flatnonzero((top < 0).any(axis=1))
     if len(short):
-        top[short] = popular_unseen(fitted.matrix, fitted.popularity, k, users=short, have=top[short])
+        top[short] = popular_unseen(
+            fitted.matrix, fitted.popularity, k, users=short, have=top[short]
+        )
     return top
 
 

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from training.matrix import activity, interaction_matrix, low_rank_factors, popularity
-from training.pairing import Pairings, PairingParams, pair_users
+from training.pairing import PairingParams, Pairings, pair_users
 from training.protocol import holdout_mask
 from training.ranker import FEATURES, Ranker, padded_candidates
 
@@ -74,8 +74,12 @@ def fit(
     pairing = PairingParams(params.neighbours, params.candidates, params.pairing_method)
 
     ranker = Ranker(
-        shape[0], shape[1], dim=params.dim, hidden=params.hidden,
-        neighbours=params.neighbours, candidates=params.candidates,
+        shape[0],
+        shape[1],
+        dim=params.dim,
+        hidden=params.hidden,
+        neighbours=params.neighbours,
+        candidates=params.candidates,
     )
     clock = time.perf_counter()
     examples = []
@@ -96,8 +100,12 @@ def fit(
     seconds["inner_pairing"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    loss = _train_mlp(ranker, *(torch.cat(parts) for parts in zip(*examples, strict=True)),
-                      params=params, report=report)
+    loss = _train_mlp(
+        ranker,
+        *(torch.cat(parts) for parts in zip(*examples, strict=True)),
+        params=params,
+        report=report,
+    )
     seconds["ranker"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -183,20 +191,3 @@ def _train_mlp(
         report("ranker", epoch + 1, params.epochs, loss=last)
     ranker.eval()
     return last
-
-
-def rank_users(
-    ranker: Ranker, pairs: Pairings, users: np.ndarray, top_n: int
-) -> np.ndarray:
-    """Top ``top_n`` item codes per user code (``-1`` pads lists shorter than top_n)."""
-    items, support, neighbours, mask = padded_candidates(
-        pairs.indptr, pairs.items, pairs.support, pairs.neighbours, users, ranker.candidates
-    )
-    with torch.inference_mode():
-        scores = ranker(torch.from_numpy(users), items, support, neighbours, mask)
-        k = min(top_n, scores.shape[1])
-        values, where = torch.topk(scores, k, dim=1)
-        top = torch.gather(items, 1, where).masked_fill(~torch.isfinite(values), -1)
-    out = np.full((len(users), top_n), -1, dtype=np.int64)
-    out[:, :k] = top.numpy()
-    return out

@@ -10,10 +10,13 @@ embeddings (low-rank factors of the interaction matrix, kept frozen).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from encore.bundle import Bundle
 
 FEATURES = (
     "log_support",
@@ -138,7 +141,9 @@ def padded_candidates(
     if len(items) == 0:
         pos = np.zeros_like(pos)
         items, support, neighbours = (
-            np.full(1, -1, np.int32), np.zeros(1, np.float32), np.zeros(1, np.uint16)
+            np.full(1, -1, np.int32),
+            np.zeros(1, np.float32),
+            np.zeros(1, np.uint16),
         )
     return (
         torch.from_numpy(np.where(mask, items[pos], -1).astype(np.int64)),
@@ -146,3 +151,53 @@ def padded_candidates(
         torch.from_numpy(np.where(mask, neighbours[pos], 0).astype(np.int32)),
         torch.from_numpy(mask),
     )
+
+
+def rank_users(
+    ranker: Ranker,
+    pairs: Any,
+    users: np.ndarray,
+    top_n: int,
+    *,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """Top ``top_n`` item codes per user code (``-1`` pads lists shorter than top_n).
+
+    ``pairs`` holds CSR candidate arrays (``indptr``, ``items``, ``support``, ``neighbours``).
+
+    ``rows`` are the users' rows in ``pairs`` when it holds a slice rather than every user.
+    """
+    items, support, neighbours, mask = padded_candidates(
+        pairs.indptr,
+        pairs.items,
+        pairs.support,
+        pairs.neighbours,
+        users if rows is None else rows,
+        ranker.candidates,
+    )
+    with torch.inference_mode():
+        scores = ranker(torch.from_numpy(users), items, support, neighbours, mask)
+        k = min(top_n, scores.shape[1])
+        values, where = torch.topk(scores, k, dim=1)
+        top = torch.gather(items, 1, where).masked_fill(~torch.isfinite(values), -1)
+    out = np.full((len(users), top_n), -1, dtype=np.int64)
+    out[:, :k] = top.numpy()
+    return out
+
+
+def load_ranker(bundle: Bundle) -> Ranker:
+    """The bundle's ranker with memory-mapped weights, ready for inference."""
+    spec = bundle.metadata["model"]
+    with torch.device("meta"):
+        ranker = Ranker(
+            spec["n_users"],
+            spec["n_items"],
+            dim=spec["dim"],
+            hidden=tuple(spec["hidden"]),
+            neighbours=spec["neighbours"],
+            candidates=spec["candidates"],
+        )
+    ranker.load_state_dict(bundle.load_state_dict(), assign=True)
+    ranker.user_embedding.weight.requires_grad_(False)
+    ranker.item_embedding.weight.requires_grad_(False)
+    return ranker.eval()

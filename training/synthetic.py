@@ -21,12 +21,41 @@ import pyarrow.parquet as pq
 Progress = Callable[[int, int], None]
 
 MOODS = (
-    "Late Night", "Sunday Morning", "Rainy Day", "Summer", "Workout", "Focus", "Road Trip",
-    "Chill", "Throwback", "Deep", "Golden Hour", "After Hours", "Cozy", "Electric", "Café",
+    "Late Night",
+    "Sunday Morning",
+    "Rainy Day",
+    "Summer",
+    "Workout",
+    "Focus",
+    "Road Trip",
+    "Chill",
+    "Throwback",
+    "Deep",
+    "Golden Hour",
+    "After Hours",
+    "Cozy",
+    "Electric",
+    "Café",
 )
 GENRES = (
-    "Lo-fi", "Indie", "Jazz", "Techno", "Hip-Hop", "Folk", "Metal", "Soul", "Ambient", "Pop",
-    "Punk", "Classical", "Reggae", "K-Pop", "Afrobeats", "Rock & Roll", "R&B", "Bossa Nova",
+    "Lo-fi",
+    "Indie",
+    "Jazz",
+    "Techno",
+    "Hip-Hop",
+    "Folk",
+    "Metal",
+    "Soul",
+    "Ambient",
+    "Pop",
+    "Punk",
+    "Classical",
+    "Reggae",
+    "K-Pop",
+    "Afrobeats",
+    "Rock & Roll",
+    "R&B",
+    "Bossa Nova",
 )
 NOUNS = ("Mix", "Essentials", "Vibes", "Sessions", "Anthems", "Radio", "Hits", "Diaries")
 SPECIAL = ('"Quoted" Picks', "東京 Nights", "Ça va <3", "Niño's Songs", "Ελληνικά", "50% Off & On")
@@ -60,16 +89,24 @@ class GeneratedData:
     playlists: int
 
 
-def generate(spec: SyntheticSpec, out: str | Path, *, progress: Progress | None = None) -> GeneratedData:
+def generate(
+    spec: SyntheticSpec, out: str | Path, *, progress: Progress | None = None
+) -> GeneratedData:
     """Write ``interactions.parquet`` and ``catalog.parquet`` into ``out``."""
     if spec.users < 1 or spec.playlists < 2:
-        raise ValueError(f"need at least 1 user and 2 playlists, got {spec.users}, {spec.playlists}")
+        raise ValueError(
+            f"need at least 1 user and 2 playlists, got {spec.users}, {spec.playlists}"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = _World.build(spec)
     schema = pa.schema(
-        [("user_id", pa.int64()), ("playlist_id", pa.int64()), ("weight", pa.float32()),
-         ("timestamp", pa.int64())]
+        [
+            ("user_id", pa.int64()),
+            ("playlist_id", pa.int64()),
+            ("weight", pa.float32()),
+            ("timestamp", pa.int64()),
+        ]
     )
     interactions_path = out / "interactions.parquet"
     rows = 0
@@ -188,6 +225,8 @@ class _World:
         for i in range(0, spec.playlists, 97):
             names[i] = f"{SPECIAL[(i // 97) % len(SPECIAL)]} #{i + 1}"
         return pa.table(
-            {"playlist_id": pa.array(np.arange(1, spec.playlists + 1), pa.int64()),
-             "name": pa.array(names, pa.string())}
+            {
+                "playlist_id": pa.array(np.arange(1, spec.playlists + 1), pa.int64()),
+                "name": pa.array(names, pa.string()),
+            }
         )

@@ -14,7 +14,6 @@ from training.evaluate import Evaluation, evaluate
 from training.fit import FittedModel, Progress, TrainParams, fit
 from training.ingest import Interactions
 from training.matrix import encode
-from training.ranker import Ranker
 
 
 def train_bundle(
@@ -35,7 +34,11 @@ def train_bundle(
     users, user_codes = encode(interactions.user_ids)
     items, item_codes = encode(interactions.playlist_ids)
     fitted = fit(
-        user_codes, item_codes, interactions.weights, (len(users), len(items)), params,
+        user_codes,
+        item_codes,
+        interactions.weights,
+        (len(users), len(items)),
+        params,
         progress=progress,
     )
     seconds = time.perf_counter() - clock
@@ -101,21 +104,9 @@ def model_spec(fitted: FittedModel) -> dict:
     }
 
 
-def load_ranker(bundle: Bundle) -> Ranker:
-    """The bundle's ranker with memory-mapped weights, ready for inference."""
-    spec = bundle.metadata["model"]
-    with torch.device("meta"):
-        ranker = Ranker(
-            spec["n_users"], spec["n_items"], dim=spec["dim"], hidden=tuple(spec["hidden"]),
-            neighbours=spec["neighbours"], candidates=spec["candidates"],
-        )
-    ranker.load_state_dict(bundle.load_state_dict(), assign=True)
-    ranker.user_embedding.weight.requires_grad_(False)
-    ranker.item_embedding.weight.requires_grad_(False)
-    return ranker.eval()
-
-
 def find_bundle_for(bundles_dir: Path, fingerprint: str) -> Bundle | None:
     """The newest bundle trained on data with this fingerprint."""
-    matches = [b for b in list_bundles(bundles_dir) if b.metadata.get("data_fingerprint") == fingerprint]
+    matches = [
+        b for b in list_bundles(bundles_dir) if b.metadata.get("data_fingerprint") == fingerprint
+    ]
     return matches[-1] if matches else None

@@ -126,7 +126,9 @@ class Database(ABC):
         """Hold the cluster-wide run lock; raise :class:`~encore.errors.RunLocked` if taken."""
 
     @abstractmethod
-    def feedback_since(self, since: datetime, *, chunk: int = 10_000) -> Iterator[list[FeedbackEvent]]:
+    def feedback_since(
+        self, since: datetime, *, chunk: int = 10_000
+    ) -> Iterator[list[FeedbackEvent]]:
         """Feedback events created at or after ``since``, in chunks, oldest first."""
 
     @abstractmethod

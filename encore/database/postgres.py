@@ -238,14 +238,20 @@ class AsyncPostgresDatabase(AsyncDatabase):
         row = await self._fetch(
             INSERT_FEEDBACK,
             (
-                event.event_id, event.user_id, event.run_id, event.model_version,
-                event.liked_playlist_id, list(event.shown_playlist_ids),
+                event.event_id,
+                event.user_id,
+                event.run_id,
+                event.model_version,
+                event.liked_playlist_id,
+                list(event.shown_playlist_ids),
             ),
             one=True,
         )
         if row is not None:
             return True
-        stored = await self._fetch(f"{SELECT_FEEDBACK} WHERE event_id = %s", (event.event_id,), one=True)
+        stored = await self._fetch(
+            f"{SELECT_FEEDBACK} WHERE event_id = %s", (event.event_id,), one=True
+        )
         if stored is not None and not event.same_event(FeedbackEvent(**stored)):
             raise FeedbackConflict(str(event.event_id))
         return False

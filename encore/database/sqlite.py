@@ -212,8 +212,12 @@ class AsyncSQLiteDatabase(AsyncDatabase):
             cursor = conn.execute(
                 "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
                 (
-                    str(event.event_id), event.user_id, event.run_id, event.model_version,
-                    event.liked_playlist_id, json.dumps(list(event.shown_playlist_ids)),
+                    str(event.event_id),
+                    event.user_id,
+                    event.run_id,
+                    event.model_version,
+                    event.liked_playlist_id,
+                    json.dumps(list(event.shown_playlist_ids)),
                     _to_text(datetime.now(UTC)),
                 ),
             )

@@ -5,7 +5,14 @@ from __future__ import annotations
 from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo, truncate
 from encore.settings import Settings
 
-__all__ = ["AsyncOnlineReader", "OnlineStore", "RunInfo", "open_online_reader", "open_online_store", "truncate"]
+__all__ = [
+    "AsyncOnlineReader",
+    "OnlineStore",
+    "RunInfo",
+    "open_online_reader",
+    "open_online_store",
+    "truncate",
+]
 
 
 def open_online_store(settings: Settings) -> OnlineStore:

@@ -52,9 +52,7 @@ class OnlineStore(ABC):
         """Create the run's keyspace (invisible until published, expiring if abandoned)."""
 
     @abstractmethod
-    def write_batch(
-        self, run_id: str, user_ids: Sequence[int], payloads: Sequence[bytes]
-    ) -> None:
+    def write_batch(self, run_id: str, user_ids: Sequence[int], payloads: Sequence[bytes]) -> None:
         """Write one batch of lists into the run's keyspace, in one round trip."""
 
     @abstractmethod

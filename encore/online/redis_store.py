@@ -64,9 +64,7 @@ def _info(run_id: str, meta: dict[bytes, bytes]) -> RunInfo | None:
 
 
 class RedisOnlineStore(OnlineStore):
-    def __init__(
-        self, url: str, *, prefix: str = "encore", socket_timeout: float = 10.0
-    ) -> None:
+    def __init__(self, url: str, *, prefix: str = "encore", socket_timeout: float = 10.0) -> None:
         self.url = url
         self.keys = _Keys(prefix)
         self.client = redis.Redis.from_url(

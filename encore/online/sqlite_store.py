@@ -118,7 +118,8 @@ class SQLiteOnlineStore(OnlineStore):
     def _purge(self, now: float) -> None:
         current = self._current_id()
         stale = [
-            r for (r,) in self.conn.execute(
+            r
+            for (r,) in self.conn.execute(
                 "SELECT run_id FROM runs WHERE expires_at IS NOT NULL AND expires_at < ?", (now,)
             )
             if r != current
@@ -143,7 +144,9 @@ class SQLiteOnlineStore(OnlineStore):
             )
 
     def count(self, run_id: str) -> int:
-        return self.conn.execute("SELECT count(*) FROM recs WHERE run_id = ?", (run_id,)).fetchone()[0]
+        return self.conn.execute(
+            "SELECT count(*) FROM recs WHERE run_id = ?", (run_id,)
+        ).fetchone()[0]
 
     def publish(self, run_id: str, *, expected_lists: int, grace_seconds: int) -> None:
         now = time.time()
@@ -159,7 +162,8 @@ class SQLiteOnlineStore(OnlineStore):
             previous = self._current_id()
             if previous and previous != run_id:
                 self.conn.execute(
-                    "UPDATE runs SET expires_at = ? WHERE run_id = ?", (now + grace_seconds, previous)
+                    "UPDATE runs SET expires_at = ? WHERE run_id = ?",
+                    (now + grace_seconds, previous),
                 )
             self.conn.execute(
                 "UPDATE runs SET published_at = ?, expires_at = NULL, users = ? WHERE run_id = ?",
@@ -190,7 +194,9 @@ class SQLiteOnlineStore(OnlineStore):
 
     def run_info(self, run_id: str) -> RunInfo | None:
         return _info(
-            self.conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            self.conn.execute(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
         )
 
     def _current_id(self) -> str | None:
@@ -262,12 +268,16 @@ class AsyncSQLiteReader(AsyncOnlineReader):
         def lookup(conn: sqlite3.Connection) -> list[str | None]:
             ids = [int(p) for p in playlist_ids][:1000]
             marks = ",".join("?" * len(ids))
-            found = dict(
-                conn.execute(
-                    f"SELECT playlist_id, name FROM names WHERE run_id = ? AND playlist_id IN ({marks})",
-                    (run_id, *ids),
-                ).fetchall()
-            ) if ids else {}
+            found = (
+                dict(
+                    conn.execute(
+                        f"SELECT playlist_id, name FROM names WHERE run_id = ? AND playlist_id IN ({marks})",
+                        (run_id, *ids),
+                    ).fetchall()
+                )
+                if ids
+                else {}
+            )
             return [found.get(p) for p in ids]
 
         return await self._run(lookup)

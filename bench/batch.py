@@ -1,0 +1,210 @@
+"""Benchmark of the nightly run into Redis, against the Redis write floor and a naive path.
+
+Builds a bundle of the real ranking model's architecture with random weights and pairings
+made directly (no training): N users x 75 candidates, dim 128, top-10. Then, in this one
+process: (a) a full run into Redis (spawn pool, batches, pipelined writes, verify, publish);
+(b) the write floor: redis-py pipelined SET of the same payloads and nothing else; (c) a naive
+path scoring, encoding and writing one user at a time, on a sample. Prints one JSON line.
+
+    uv run python bench/batch.py --users 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+import torch
+
+from encore.bundle import promote, write_bundle
+from encore.settings import Settings
+from scheduler.job import run_full
+from training.pairing import Pairings
+from training.ranker import Ranker
+
+
+def build_bundle(home: Path, users: int, playlists: int, candidates: int, dim: int) -> str:
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    ranker = Ranker(users, playlists, dim=dim, candidates=candidates)
+    with torch.no_grad():
+        ranker.user_embedding.weight.normal_(0, 0.1)
+        ranker.item_embedding.weight.normal_(0, 0.1)
+    popularity = np.floor(1e5 / np.arange(1, playlists + 1) ** 0.9).astype(np.int64)
+    ranker.set_tables(
+        ranker.user_embedding.weight.numpy(),
+        ranker.item_embedding.weight.numpy(),
+        rng.integers(1, 200, users),
+        popularity,
+    )
+    items = rng.integers(0, playlists, users * candidates, dtype=np.int32)
+    support = np.sort(rng.random((users, candidates), dtype=np.float32), axis=1)[:, ::-1]
+    pairings = Pairings(
+        indptr=np.arange(0, users * candidates + 1, candidates, dtype=np.int64),
+        items=items,
+        support=np.ascontiguousarray(support).ravel(),
+        neighbours=rng.integers(0, 50, users * candidates, dtype=np.uint16),
+    )
+
+    def contents(directory: Path) -> None:
+        torch.save(ranker.state_dict(), directory / "weights.pt")
+        np.save(directory / "user_ids.npy", np.arange(1, users + 1, dtype=np.int64) * 7)
+        np.save(directory / "playlist_ids.npy", np.arange(1, playlists + 1, dtype=np.int64))
+        np.save(directory / "popularity.npy", popularity)
+        pairings.save(directory / "pairings")
+
+    metadata = {
+        "data_fingerprint": "sha256:bench",
+        "data": {"users": users, "playlists": playlists},
+        "hyperparameters": {"bench": True},
+        "metrics": {},
+        "model": {
+            "class": "training.ranker.Ranker",
+            "n_users": users,
+            "n_items": playlists,
+            "dim": dim,
+            "hidden": [64, 32],
+            "neighbours": 50,
+            "candidates": candidates,
+        },
+    }
+    bundle = write_bundle(
+        home / "bundles", version="bench-random", metadata=metadata, write_contents=contents
+    )
+    promote(home / "bundles", bundle.version)
+    return bundle.version
+
+
+class TreeMemory:
+    """Peak of the summed RSS (and PSS) of this process and its children, sampled."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _tree(pid: int) -> list[int]:
+        pids = [pid]
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            for child in task.read_text().split():
+                pids.extend(TreeMemory._tree(int(child)))
+        return pids
+
+    @staticmethod
+    def _kb(pid: int, path: str, field: str) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+                if line.startswith(field):
+                    return int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = self._tree(os.getpid())
+            self.peak_rss = max(self.peak_rss, sum(self._kb(p, "status", "VmRSS:") for p in pids))
+            self.peak_pss = max(
+                self.peak_pss, sum(self._kb(p, "smaps_rollup", "Pss:") for p in pids)
+            )
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_floor(client: redis.Redis, payloads: dict[bytes, bytes], batch: int) -> float:
+    keys = list(payloads)
+    clock = time.perf_counter()
+    for start in range(0, len(keys), batch):
+        pipe = client.pipeline(transaction=False)
+        for key in keys[start : start + batch]:
+            pipe.set(b"floor:" + key, payloads[key])
+        pipe.execute()
+    seconds = time.perf_counter() - clock
+    for start in range(0, len(keys), 10_000):
+        client.delete(*[b"floor:" + k for k in keys[start : start + 10_000]])
+    return seconds
+
+
+def naive(home: Path, version: str, client: redis.Redis, sample: int, top_n: int) -> float:
+    """Seconds per user when each user is scored, encoded and written on its own."""
+    from encore.bundle import open_bundle
+    from scheduler.worker import Scorer
+
+    torch.set_num_threads(1)
+    scorer = Scorer(open_bundle(home / "bundles", version).path, top_n)
+    codes = np.random.default_rng(1).choice(len(scorer.user_ids), sample, replace=False)
+    clock = time.perf_counter()
+    for code in codes:
+        result = scorer.score(np.array([code]))
+        for user, payload in zip(result.user_ids, result.payloads, strict=True):
+            client.set(f"naive:{user}", payload)
+    seconds = (time.perf_counter() - clock) / sample
+    client.delete(*[f"naive:{u}" for u in scorer.user_ids[codes]])
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--playlists", type=int, default=100_000)
+    parser.add_argument("--candidates", type=int, default=75)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--top-n", type=int, default=10)
+    parser.add_argument("--naive-sample", type=int, default=2000)
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("ENCORE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    args = parser.parse_args()
+
+    client = redis.Redis.from_url(args.redis_url)
+    with tempfile.TemporaryDirectory(prefix="encore-bench-") as tmp:
+        home = Path(tmp)
+        version = build_bundle(home, args.users, args.playlists, args.candidates, args.dim)
+        settings = Settings(home=home, redis_url=args.redis_url, top_n=args.top_n)
+        with TreeMemory() as memory:
+            clock = time.perf_counter()
+            record = run_full(settings, kind="manual")
+            seconds = time.perf_counter() - clock
+        recs_key = f"encore:run:{{{record.run_id}}}:recs"
+        payloads = client.hgetall(recs_key)
+        floor = write_floor(client, payloads, settings.batch_size)
+        per_user_naive = naive(home, version, client, args.naive_sample, args.top_n)
+    print(
+        json.dumps(
+            {
+                "users": args.users,
+                "seconds": round(seconds, 2),
+                "users_per_s": round(args.users / seconds),
+                "write_floor_s": round(floor, 2),
+                "ratio_to_floor": round(seconds / floor, 2),
+                "naive_users_per_s": round(1 / per_user_naive),
+                "speedup_vs_naive": round(per_user_naive * args.users / seconds, 1),
+                "peak_rss_mb": round(memory.peak_rss / 1024),
+                "peak_pss_mb": round(memory.peak_pss / 1024),
+                "workers": settings.workers,
+                "batch_size": settings.batch_size,
+                "published": record.status == "published",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
