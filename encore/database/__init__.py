@@ -1,4 +1,4 @@
-"""Database factories: Postgres when ENCORE_DATABASE_URL is set, SQLite under ENCORE_HOME otherwise."""
+"""Database factories: Postgres if ENCORE_DATABASE_URL is set, else SQLite under ENCORE_HOME."""
 
 from __future__ import annotations
 

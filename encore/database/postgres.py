@@ -183,15 +183,18 @@ class PostgresDatabase(Database):
     def feedback_since(
         self, since: datetime, *, chunk: int = 10_000
     ) -> Iterator[list[FeedbackEvent]]:
-        with self._conn() as conn, conn.transaction():
-            # A named (server-side) cursor streams the rows instead of loading them all.
-            with conn.cursor(name="feedback_export") as cursor:
-                cursor.execute(
-                    f"{SELECT_FEEDBACK} WHERE created_at >= %s ORDER BY created_at, event_id",
-                    (since,),
-                )
-                while rows := cursor.fetchmany(chunk):
-                    yield [FeedbackEvent(**row) for row in rows]
+        # A named (server-side) cursor streams the rows instead of loading them all.
+        with (
+            self._conn() as conn,
+            conn.transaction(),
+            conn.cursor(name="feedback_export") as cursor,
+        ):
+            cursor.execute(
+                f"{SELECT_FEEDBACK} WHERE created_at >= %s ORDER BY created_at, event_id",
+                (since,),
+            )
+            while rows := cursor.fetchmany(chunk):
+                yield [FeedbackEvent(**row) for row in rows]
 
     def ping(self) -> None:
         with self._conn() as conn:

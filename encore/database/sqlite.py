@@ -210,7 +210,8 @@ class AsyncSQLiteDatabase(AsyncDatabase):
     async def insert_feedback(self, event: FeedbackEvent) -> bool:
         def insert(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
-                "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (event_id) DO NOTHING",
                 (
                     str(event.event_id),
                     event.user_id,

@@ -1,4 +1,4 @@
-"""Online store factories: Redis when ENCORE_REDIS_URL is set, SQLite under ENCORE_HOME otherwise."""
+"""Online store factories: Redis if ENCORE_REDIS_URL is set, else SQLite under ENCORE_HOME."""
 
 from __future__ import annotations
 

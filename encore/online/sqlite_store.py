@@ -266,18 +266,14 @@ class AsyncSQLiteReader(AsyncOnlineReader):
 
     async def names(self, run_id: str, playlist_ids: Sequence[int]) -> list[str | None]:
         def lookup(conn: sqlite3.Connection) -> list[str | None]:
-            ids = [int(p) for p in playlist_ids][:1000]
+            ids = [int(p) for p in playlist_ids][:900]
+            if not ids:
+                return []
             marks = ",".join("?" * len(ids))
-            found = (
-                dict(
-                    conn.execute(
-                        f"SELECT playlist_id, name FROM names WHERE run_id = ? AND playlist_id IN ({marks})",
-                        (run_id, *ids),
-                    ).fetchall()
-                )
-                if ids
-                else {}
+            query = (
+                f"SELECT playlist_id, name FROM names WHERE run_id = ? AND playlist_id IN ({marks})"
             )
+            found = dict(conn.execute(query, (run_id, *ids)).fetchall())
             return [found.get(p) for p in ids]
 
         return await self._run(lookup)
