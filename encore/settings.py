@@ -44,7 +44,15 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated origins allowed by CORS."
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
-    run_age_budget_seconds: int = Field(26 * 3600, ge=0)
+    run_cache_seconds: float = Field(
+        1.0, ge=0, description="How long the API reuses its view of the current run."
+    )
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        # ENCORE_ADMIN_TOKEN= (copied from .env.example) must not open the admin routes.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

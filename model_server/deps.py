@@ -1,0 +1,42 @@
+"""Dependencies of the routes, as Annotated aliases."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request, status
+
+from encore.settings import Settings, get_settings
+from model_server.state import ServingState
+
+
+def get_state(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+def require_admin(
+    settings: Annotated[Settings, Depends(get_settings)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if settings.admin_token is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "admin routes are disabled: set ENCORE_ADMIN_TOKEN on the server",
+            headers=challenge,
+        )
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        token.encode(), settings.admin_token.get_secret_value().encode()
+    ):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or wrong bearer token (Authorization: Bearer $ENCORE_ADMIN_TOKEN)",
+            headers=challenge,
+        )
+
+
+StateDep = Annotated[ServingState, Depends(get_state)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+AdminDep = Annotated[None, Depends(require_admin)]

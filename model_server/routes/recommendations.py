@@ -1,0 +1,75 @@
+"""Recommendations: the stored JSON bytes of each list are copied into the response."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Response, status
+
+from encore.online import RunInfo, truncate
+from model_server import metrics
+from model_server.deps import StateDep
+from model_server.schemas import MAX_ID, RecommendationsRequest
+
+router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"])
+
+DEFAULT_N = 10
+ITEM = b'{"user_id":%d,"playlist_ids":%s,"source":"%s"}'
+
+
+def _check_n(n: int | None, run: RunInfo) -> int:
+    n = min(DEFAULT_N, run.top_n) if n is None else n
+    if n > run.top_n:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            f"n must be between 1 and {run.top_n} (the lists stored by run {run.run_id}); got {n}",
+        )
+    return n
+
+
+async def _items(state: StateDep, run: RunInfo, user_ids: list[int], n: int) -> list[bytes]:
+    with metrics.STORE_READ_SECONDS.labels("recommendations").time():
+        stored = await state.reader.read(run.run_id, user_ids)
+    cut = n < run.top_n
+    fallback = truncate(run.fallback, n) if cut else run.fallback
+    items = []
+    misses = 0
+    for user_id, payload in zip(user_ids, stored, strict=True):
+        if payload is None:
+            misses += 1
+            items.append(ITEM % (user_id, fallback, b"fallback"))
+        else:
+            items.append(ITEM % (user_id, truncate(payload, n) if cut else payload, b"batch"))
+    if misses:
+        metrics.USERS_SERVED.labels("fallback").inc(misses)
+        metrics.COLD_USERS.inc(misses)
+    if misses < len(user_ids):
+        metrics.USERS_SERVED.labels("batch").inc(len(user_ids) - misses)
+    return items
+
+
+def _head(run: RunInfo) -> bytes:
+    return b'{"run_id":"%s","model_version":"%s"' % (
+        run.run_id.encode(), run.model_version.encode()
+    )
+
+
+@router.post("", summary="Lists for up to 1000 users, in the order asked")
+async def recommendations(body: RecommendationsRequest, state: StateDep) -> Response:
+    run = await state.current_run()
+    n = _check_n(body.n, run)
+    items = await _items(state, run, body.user_ids, n)
+    content = _head(run) + b',"recommendations":[' + b",".join(items) + b"]}"
+    return Response(content, media_type="application/json")
+
+
+@router.get("/{user_id}", summary="One user's list")
+async def recommendation(
+    user_id: Annotated[int, Path(ge=0, le=MAX_ID)], state: StateDep, n: int | None = None
+) -> Response:
+    run = await state.current_run()
+    if n is not None and n < 1:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"n must be >= 1; got {n}")
+    count = _check_n(n, run)
+    (item,) = await _items(state, run, [user_id], count)
+    return Response(_head(run) + b"," + item[1:], media_type="application/json")

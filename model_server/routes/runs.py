@@ -1,0 +1,52 @@
+"""Run records, and starting a run or a backfill (admin)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+
+from encore.database import RunRecord, new_run_id
+from model_server.deps import AdminDep, SettingsDep, StateDep
+from model_server.launcher import launch_run
+from model_server.schemas import RunRequest
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"])
+
+
+@router.get("", summary="Recent runs, newest first")
+async def list_runs(
+    state: StateDep, limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> dict:
+    runs = await state.database.list_runs(limit=limit)
+    return {"runs": [run.as_json() for run in runs]}
+
+
+@router.get("/{run_id}", summary="One run: status, progress, error")
+async def get_run(run_id: str, state: StateDep) -> dict:
+    record = await state.database.get_run(run_id)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no run {run_id!r}")
+    return record.as_json()
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Start a run, or a backfill of some users, in the background",
+)
+async def start_run(
+    body: RunRequest, state: StateDep, settings: SettingsDep, _: AdminDep, response: Response
+) -> dict:
+    if body.kind == "manual" and body.user_ids is not None:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY, "user_ids is only for kind 'backfill'"
+        )
+    now = datetime.now(UTC)
+    record = RunRecord(new_run_id(now), body.kind, "queued", created_at=now)
+    await state.database.create_run(record)
+    state.reap_children()
+    state.children.append(launch_run(settings, record.run_id, body.user_ids))
+    response.headers["Location"] = f"/v1/runs/{record.run_id}"
+    return {"run_id": record.run_id, "kind": record.kind, "status": record.status}
