@@ -23,63 +23,9 @@ import numpy as np
 import redis
 import torch
 
-from encore.bundle import promote, write_bundle
 from encore.settings import Settings
 from scheduler.job import run_full
-from training.pairing import Pairings
-from training.ranker import Ranker
-
-
-def build_bundle(home: Path, users: int, playlists: int, candidates: int, dim: int) -> str:
-    rng = np.random.default_rng(0)
-    torch.manual_seed(0)
-    ranker = Ranker(users, playlists, dim=dim, candidates=candidates)
-    with torch.no_grad():
-        ranker.user_embedding.weight.normal_(0, 0.1)
-        ranker.item_embedding.weight.normal_(0, 0.1)
-    popularity = np.floor(1e5 / np.arange(1, playlists + 1) ** 0.9).astype(np.int64)
-    ranker.set_tables(
-        ranker.user_embedding.weight.numpy(),
-        ranker.item_embedding.weight.numpy(),
-        rng.integers(1, 200, users),
-        popularity,
-    )
-    items = rng.integers(0, playlists, users * candidates, dtype=np.int32)
-    support = np.sort(rng.random((users, candidates), dtype=np.float32), axis=1)[:, ::-1]
-    pairings = Pairings(
-        indptr=np.arange(0, users * candidates + 1, candidates, dtype=np.int64),
-        items=items,
-        support=np.ascontiguousarray(support).ravel(),
-        neighbours=rng.integers(0, 50, users * candidates, dtype=np.uint16),
-    )
-
-    def contents(directory: Path) -> None:
-        torch.save(ranker.state_dict(), directory / "weights.pt")
-        np.save(directory / "user_ids.npy", np.arange(1, users + 1, dtype=np.int64) * 7)
-        np.save(directory / "playlist_ids.npy", np.arange(1, playlists + 1, dtype=np.int64))
-        np.save(directory / "popularity.npy", popularity)
-        pairings.save(directory / "pairings")
-
-    metadata = {
-        "data_fingerprint": "sha256:bench",
-        "data": {"users": users, "playlists": playlists},
-        "hyperparameters": {"bench": True},
-        "metrics": {},
-        "model": {
-            "class": "training.ranker.Ranker",
-            "n_users": users,
-            "n_items": playlists,
-            "dim": dim,
-            "hidden": [64, 32],
-            "neighbours": 50,
-            "candidates": candidates,
-        },
-    }
-    bundle = write_bundle(
-        home / "bundles", version="bench-random", metadata=metadata, write_contents=contents
-    )
-    promote(home / "bundles", bundle.version)
-    return bundle.version
+from training.random_bundle import build_random_bundle
 
 
 class TreeMemory:
@@ -176,7 +122,13 @@ def main() -> None:
     client = redis.Redis.from_url(args.redis_url)
     with tempfile.TemporaryDirectory(prefix="encore-bench-") as tmp:
         home = Path(tmp)
-        version = build_bundle(home, args.users, args.playlists, args.candidates, args.dim)
+        version = build_random_bundle(
+            home / "bundles",
+            users=args.users,
+            playlists=args.playlists,
+            candidates=args.candidates,
+            dim=args.dim,
+        ).version
         settings = Settings(home=home, redis_url=args.redis_url, top_n=args.top_n)
         with TreeMemory() as memory:
             clock = time.perf_counter()
