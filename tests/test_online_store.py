@@ -1,0 +1,160 @@
+"""The online store contract, against real Redis and real SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from encore.errors import RunFailed
+from encore.online import OnlineStore, truncate
+from encore.online.redis_store import AsyncRedisReader, RedisOnlineStore
+from encore.online.sqlite_store import AsyncSQLiteReader, SQLiteOnlineStore
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, object]]:
+    if request.param == "redis":
+        yield "redis", request.getfixturevalue("redis_url")
+    else:
+        yield "sqlite", tmp_path / "online.sqlite3"
+
+
+def _store(backend: tuple[str, object]) -> OnlineStore:
+    kind, where = backend
+    return RedisOnlineStore(where) if kind == "redis" else SQLiteOnlineStore(where)
+
+
+def _reader(backend: tuple[str, object]):
+    kind, where = backend
+    return AsyncRedisReader(where) if kind == "redis" else AsyncSQLiteReader(where)
+
+
+def _write_run(store: OnlineStore, run_id: str, users: dict[int, bytes], **kwargs) -> None:
+    store.begin_run(
+        run_id,
+        model_version=kwargs.get("model", "m1"),
+        top_n=3,
+        fallback=b"[9,8,7]",
+        names={9: "Nine"},
+    )
+    store.write_batch(run_id, list(users), list(users.values()))
+
+
+def test_truncate_keeps_json_of_the_first_n_ids() -> None:
+    assert truncate(b"[1,22,333,4]", 2) == b"[1,22]"
+    assert truncate(b"[1,22,333,4]", 4) == b"[1,22,333,4]"
+    assert truncate(b"[1,22,333,4]", 10) == b"[1,22,333,4]"
+    assert truncate(b"[5]", 1) == b"[5]"
+
+
+def test_a_run_is_invisible_until_published(backend) -> None:
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1,2,3]", 2: b"[4,5,6]"})
+        assert store.current() is None
+        assert store.count("r1") == 2
+        store.publish("r1", expected_lists=2, grace_seconds=60)
+        current = store.current()
+        assert current is not None and current.run_id == "r1"
+        assert current.model_version == "m1" and current.top_n == 3
+        assert current.fallback == b"[9,8,7]" and current.users == 2
+        assert store.read("r1", [2, 1, 3]) == [b"[4,5,6]", b"[1,2,3]", None]
+
+
+def test_publish_refuses_incomplete_coverage_and_keeps_the_old_run(backend) -> None:
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1]"})
+        store.publish("r1", expected_lists=1, grace_seconds=60)
+        _write_run(store, "r2", {1: b"[2]"}, model="m2")
+        with pytest.raises(RunFailed, match="wrote 1 lists but 2 were expected"):
+            store.publish("r2", expected_lists=2, grace_seconds=60)
+        assert store.current().run_id == "r1"
+
+
+def test_flip_keeps_the_previous_run_readable_and_rollback_restores_it(backend) -> None:
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1]"})
+        store.publish("r1", expected_lists=1, grace_seconds=60)
+        _write_run(store, "r2", {1: b"[2]"}, model="m2")
+        store.publish("r2", expected_lists=1, grace_seconds=60)
+        assert store.current().run_id == "r2"
+        assert store.read("r1", [1]) == [b"[1]"]  # in-flight readers of r1 still get answers
+        store.rollback("r1", grace_seconds=60)
+        assert store.current().run_id == "r1"
+        assert store.read("r2", [1]) == [b"[2]"]
+
+
+def test_a_replaced_run_expires_after_its_grace_period(backend) -> None:
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1]"})
+        store.publish("r1", expected_lists=1, grace_seconds=60)
+        _write_run(store, "r2", {1: b"[2]"})
+        store.publish("r2", expected_lists=1, grace_seconds=1)
+        _write_run(store, "r3", {1: b"[3]"})
+        store.publish("r3", expected_lists=1, grace_seconds=1)
+        time.sleep(2.2)
+        # SQLite purges expired runs when the next run begins; Redis expires the keys itself.
+        _write_run(store, "r4", {1: b"[4]"})
+        assert store.run_info("r2") is None
+        with pytest.raises(RunFailed, match="no longer readable"):
+            store.rollback("r2", grace_seconds=60)
+        assert store.current().run_id == "r3"
+
+
+def test_discard_removes_an_unpublished_run(backend) -> None:
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1]"})
+        store.discard("r1")
+        assert store.run_info("r1") is None
+        assert store.read("r1", [1]) == [None]
+
+
+def test_backfill_writes_into_the_published_run_and_delete_falls_back(backend) -> None:
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1]", 2: b"[2]"})
+        store.publish("r1", expected_lists=2, grace_seconds=60)
+        store.write_batch("r1", [2, 3], [b"[20]", b"[30]"])
+        store.delete_users("r1", [1])
+        assert store.read("r1", [1, 2, 3]) == [None, b"[20]", b"[30]"]
+
+
+def test_async_reader_sees_what_the_writer_published(backend) -> None:
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1,2]", 5: b"[3]"})
+        store.publish("r1", expected_lists=2, grace_seconds=60)
+
+    async def read() -> tuple:
+        reader = _reader(backend)
+        try:
+            await reader.ping()
+            current = await reader.current()
+            lists = await reader.read(current.run_id, [5, 1, 6])
+            names = await reader.names(current.run_id, [9, 10])
+            return current.run_id, lists, names
+        finally:
+            await reader.aclose()
+
+    run_id, lists, names = asyncio.run(read())
+    assert run_id == "r1"
+    assert lists == [b"[3]", b"[1,2]", None]
+    assert names == ["Nine", None]
+
+
+def test_redis_run_keys_share_a_hash_tag_and_expire_while_pending(redis_url: str) -> None:
+    import redis
+
+    with RedisOnlineStore(redis_url) as store:
+        _write_run(store, "r1", {1: b"[1]"})
+        client = redis.Redis.from_url(redis_url)
+        keys = sorted(k.decode() for k in client.keys("encore:run:*"))
+        assert keys == [
+            "encore:run:{r1}:meta",
+            "encore:run:{r1}:names",
+            "encore:run:{r1}:recs",
+        ]
+        assert all(0 < client.ttl(k) <= 6 * 3600 for k in keys)  # an abandoned run vanishes
+        store.publish("r1", expected_lists=1, grace_seconds=60)
+        assert all(client.ttl(k) == -1 for k in keys)  # published: kept
