@@ -207,9 +207,12 @@ def test_a_dead_worker_fails_the_run_cleanly(settings: Settings) -> None:
 def test_a_second_concurrent_run_is_refused_by_the_lock(settings: Settings) -> None:
     build_random_bundle(settings.bundles_dir, users=50, playlists=30, candidates=5, dim=8)
     metrics = RunMetrics(CollectorRegistry())
-    with open_database(settings) as db, db.run_lock("someone-else"):
-        with pytest.raises(RunLocked, match="another run holds the run lock"):
-            run_full(settings, metrics=metrics)
+    with (
+        open_database(settings) as db,
+        db.run_lock("someone-else"),
+        pytest.raises(RunLocked, match="another run holds the run lock"),
+    ):
+        run_full(settings, metrics=metrics)
     assert metrics.lock_contention._value.get() == 1
     with open_database(settings) as db:
         refused = db.list_runs(limit=1)[0]
