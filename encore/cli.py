@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
+from rich.segment import Segments
 from rich.table import Table
 
 from encore import cli_ops
@@ -81,7 +83,9 @@ def _train_params(**overrides: object):
 @app.command()
 def train(
     interactions: InteractionsOpt,
-    catalog: Annotated[Path | None, typer.Option(help="Playlist names (playlist_id, name).")] = None,
+    catalog: Annotated[
+        Path | None, typer.Option(help="Playlist names (playlist_id, name).")
+    ] = None,
     columns: ColumnsOpt = None,
     sep: SepOpt = None,
     neighbours: Annotated[int | None, typer.Option(min=1, help="K neighbours [50].")] = None,
@@ -190,7 +194,11 @@ def models_list() -> None:
             str(metrics.get("recall@10", "-")),
             str(metrics.get("ndcg@10", "-")),
         )
-    console.print(table)
+    # Laid out at its natural width, never squeezed to the console (80 columns when piped):
+    # squeezing cropped the version that `models promote` needs and dropped the * marker.
+    natural = console.measure(table, options=console.options.update_width(1000)).maximum
+    options = console.options.update_width(max(console.width, natural))
+    console.print(Segments(console.render(table, options)), crop=False)
 
 
 @models_app.command("promote")
@@ -207,5 +215,9 @@ def main() -> None:
     try:
         app()
     except EncoreError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # Escaped: a bad value such as "[bold]" is data, not markup. Not wrapped: the
+        # "file, line N" message must stay one line to be read, grepped and copied.
+        console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         sys.exit(1)

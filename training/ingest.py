@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,10 +281,16 @@ def _as_numpy(column: pa.ChunkedArray, dtype: type, name: str, path: Path | None
         if path is None:
             return None
         for row, value in enumerate(column.to_pylist()):
-            if _parse_int(value) is None if dtype is np.int64 else _parse_float(value) is None:
+            number = _parse_int(value) if dtype is np.int64 else _parse_float(value)
+            if number is None:
                 raise InputError(
                     path, f"{name} is not a number of the right kind", line=row + 1,
                     column=name, value=value,
+                ) from None
+            # A uint64 (or text) id above the int64 range fails the cast without a bad type.
+            if dtype is np.int64 and number > MAX_ID:
+                raise InputError(
+                    path, "id does not fit in 64 bits", line=row + 1, column=name, value=value
                 ) from None
         raise
 
@@ -293,16 +300,34 @@ def _timestamps(column: pa.ChunkedArray, path: Path | None) -> np.ndarray | None
         return column.to_numpy().astype(np.int64)
     if pa.types.is_timestamp(column.type):
         return column.cast(pa.timestamp("s")).cast(pa.int64()).to_numpy()
-    parsed = pd.to_datetime(pd.Series(column.to_pylist()), errors="coerce", utc=True)
-    if parsed.isna().any():
+    texts = column.to_pylist()
+    with warnings.catch_warnings():
+        # Mixed formats are valid; they are parsed one by one below, so pandas' notice is noise.
+        warnings.filterwarnings("ignore", "Could not infer format", UserWarning)
+        parsed = pd.to_datetime(pd.Series(texts, dtype=object), errors="coerce", utc=True)
+    if not parsed.isna().any():
+        # as_unit: pandas 3 parses text to microseconds, not nanoseconds.
+        return parsed.dt.as_unit("s").astype("int64").to_numpy()
+    # The vectorised parse infers one format from the first value. Rows in another format,
+    # or epoch seconds, are valid too: parse one by one, exactly as the line scan does.
+    values = [_parse_timestamp(text) for text in texts]
+    if None in values:
         if path is None:
             return None
-        row = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+        row = values.index(None)
         raise InputError(
-            path, "timestamp is not a date", line=row + 1, column="timestamp",
-            value=column[row].as_py(),
+            path, "timestamp is not a date", line=row + 1, column="timestamp", value=texts[row]
         )
-    return (parsed.astype("int64") // 10**9).to_numpy()
+    return np.array(values, dtype=np.int64)
+
+
+def _parse_timestamp(text: object) -> int | None:
+    """Epoch seconds of an integer or of a date in any format pandas reads; else None."""
+    number = _parse_int(text)
+    if number is not None:
+        return number
+    stamp = pd.to_datetime(str(text), errors="coerce", utc=True)
+    return None if pd.isna(stamp) else stamp.value // 10**9  # .value is in nanoseconds
 
 
 def _parse_int(text: object) -> int | None:
@@ -328,13 +353,19 @@ def _scan_for_error(path: Path, delimiter: str, names: list[str], has_header: bo
             continue
         if len(fields) != len(names):
             raise InputError(
-                path, f"expected {len(names)} fields, found {len(fields)}", line=line
+                path, f"expected {len(names)} fields, found {len(fields)}", line=line,
+                value=delimiter.join(fields),
             )
         for name, field in zip(names, fields, strict=True):
             _check_field(path, line, name, field)
 
 
 def _check_field(path: Path, line: int, name: str, field: str) -> None:
+    if name in INTERACTION_COLUMNS and not _is_utf8(field):
+        raise InputError(
+            path, "the value is not UTF-8 text", line=line, column=name,
+            value=field.encode("utf-8", "surrogateescape"),
+        )
     if name in ID_COLUMNS:
         value = _parse_int(field)
         if value is None:
@@ -356,9 +387,8 @@ def _check_field(path: Path, line: int, name: str, field: str) -> None:
             raise InputError(
                 path, "weight must be a positive number", line=line, column=name, value=field
             )
-    elif name == "timestamp" and _parse_int(field) is None:
-        if pd.isna(pd.to_datetime(field, errors="coerce", utc=True)):
-            raise InputError(path, "timestamp is not a date", line=line, column=name, value=field)
+    elif name == "timestamp" and _parse_timestamp(field) is None:
+        raise InputError(path, "timestamp is not a date", line=line, column=name, value=field)
 
 
 def _rows(path: Path, delimiter: str, *, skip_header: bool) -> Iterator[tuple[int, list[str]]]:
@@ -366,11 +396,17 @@ def _rows(path: Path, delimiter: str, *, skip_header: bool) -> Iterator[tuple[in
         for number, raw in enumerate(handle, start=1):
             if number == 1 and skip_header:
                 continue
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(path, "the line is not UTF-8 text", line=number) from exc
+            # Undecodable bytes survive as surrogates, so the check can name their column.
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8", "surrogateescape")
             yield number, next(csv.reader([text.rstrip("\r\n")], delimiter=delimiter), [])
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _fingerprint(path: Path, columns: list[str] | None, sep: str | None, unit: str) -> str:
