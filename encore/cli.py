@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List and promote model bundles.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.command()(cli_ops.demo)
 app.command()(cli_ops.run)
 app.command()(cli_ops.backfill)
 app.add_typer(cli_ops.runs_app, name="runs")

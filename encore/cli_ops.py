@@ -184,6 +184,44 @@ def serve(
     )
 
 
+def demo(
+    port: Annotated[int, typer.Option(help="Port of the API and the page.")] = 8000,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    interactions: Annotated[
+        Path | None, typer.Option(help="Use this interactions file instead of generated data.")
+    ] = None,
+    catalog: Annotated[Path | None, typer.Option(help="Playlist names for --interactions.")] = None,
+    columns: Annotated[str | None, typer.Option(help="Columns of a header-less file.")] = None,
+    sep: Annotated[str | None, typer.Option(help="Field separator.")] = None,
+    users: Annotated[int, typer.Option(min=10, help="Generated users.")] = 20_000,
+    playlists: Annotated[int, typer.Option(min=10, help="Generated playlists.")] = 4_000,
+    fresh: Annotated[bool, typer.Option(help="Generate and train again.")] = False,
+    run_evaluation: Annotated[
+        bool, typer.Option("--evaluate/--no-evaluate", help="Also run the quality protocol.")
+    ] = False,
+    serve_after: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Serve until Ctrl-C once published.")
+    ] = True,
+) -> None:
+    """Generate data, train, publish a run, then serve the API, page and scheduler."""
+    from encore import demo as run_demo
+
+    settings = get_settings()
+    run_demo.prepare(
+        settings,
+        interactions=interactions,
+        catalog=catalog,
+        columns=[c.strip() for c in columns.split(",")] if columns else None,
+        sep={"\\t": "\t", "tab": "\t"}.get(sep, sep) if sep else None,
+        users=users,
+        playlists=playlists,
+        fresh=fresh or interactions is not None,
+        run_evaluation=run_evaluation,
+    )
+    if serve_after:
+        run_demo.serve(settings, host=host, port=port)
+
+
 def _print_run(record) -> None:
     cold = f"{record.cold_fraction:.2%}" if record.cold_fraction is not None else "-"
     drift = f", drift {record.drift_score:.4f}" if record.drift_score is not None else ""

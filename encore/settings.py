@@ -17,6 +17,9 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".encore"), description="Data dir: bundles, pairings, SQLite files.")
     redis_url: str | None = Field(None, description="Online store; unset = SQLite under home.")
+    redis_prefix: str = Field(
+        "encore", min_length=1, description="Key prefix, so environments can share a Redis."
+    )
     database_url: str | None = Field(
         None, description="Feedback and run records; unset = SQLite under home."
     )

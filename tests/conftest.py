@@ -37,8 +37,11 @@ def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A real Redis; a fresh key prefix is not needed because each test flushes its db."""
+def redis_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real Redis, with a key prefix of this test's own (ENCORE_REDIS_PREFIX).
+
+    Nothing is flushed: other tests, or other users of the server, keep their keys.
+    """
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
@@ -46,10 +49,26 @@ def redis_url() -> Iterator[str]:
         client.ping()
     except redis.RedisError as exc:
         _unavailable(f"Redis at {REDIS_URL}", exc)
-    client.flushdb()
+    prefix = f"encore-test-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("ENCORE_REDIS_PREFIX", prefix)
+    from encore.settings import get_settings
+
+    get_settings.cache_clear()
     yield REDIS_URL
-    client.flushdb()
+    for keys in _batched(client.scan_iter(f"{prefix}:*", count=1000), 1000):
+        client.unlink(*keys)
     client.close()
+
+
+def _batched(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 @pytest.fixture

@@ -31,7 +31,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import IN_CI
+
+from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,14 +24,22 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[st
         yield "sqlite", tmp_path / "online.sqlite3"
 
 
+def _prefix() -> str:
+    return os.environ["ENCORE_REDIS_PREFIX"]  # set by the redis_url fixture
+
+
 def _store(backend: tuple[str, object]) -> OnlineStore:
     kind, where = backend
-    return RedisOnlineStore(where) if kind == "redis" else SQLiteOnlineStore(where)
+    if kind == "redis":
+        return RedisOnlineStore(where, prefix=_prefix())
+    return SQLiteOnlineStore(where)
 
 
 def _reader(backend: tuple[str, object]):
     kind, where = backend
-    return AsyncRedisReader(where) if kind == "redis" else AsyncSQLiteReader(where)
+    return (
+        AsyncRedisReader(where, prefix=_prefix()) if kind == "redis" else AsyncSQLiteReader(where)
+    )
 
 
 def _write_run(store: OnlineStore, run_id: str, users: dict[int, bytes], **kwargs) -> None:
@@ -146,15 +155,12 @@ def test_async_reader_sees_what_the_writer_published(backend) -> None:
 def test_redis_run_keys_share_a_hash_tag_and_expire_while_pending(redis_url: str) -> None:
     import redis
 
-    with RedisOnlineStore(redis_url) as store:
+    prefix = _prefix()
+    with RedisOnlineStore(redis_url, prefix=prefix) as store:
         _write_run(store, "r1", {1: b"[1]"})
         client = redis.Redis.from_url(redis_url)
-        keys = sorted(k.decode() for k in client.keys("encore:run:*"))
-        assert keys == [
-            "encore:run:{r1}:meta",
-            "encore:run:{r1}:names",
-            "encore:run:{r1}:recs",
-        ]
+        keys = sorted(k.decode() for k in client.keys(f"{prefix}:run:*"))
+        assert keys == [f"{prefix}:run:{{r1}}:{part}" for part in ("meta", "names", "recs")]
         assert all(0 < client.ttl(k) <= 6 * 3600 for k in keys)  # an abandoned run vanishes
         store.publish("r1", expected_lists=1, grace_seconds=60)
         assert all(client.ttl(k) == -1 for k in keys)  # published: kept

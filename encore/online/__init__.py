@@ -19,7 +19,7 @@ def open_online_store(settings: Settings) -> OnlineStore:
     if settings.redis_url:
         from encore.online.redis_store import RedisOnlineStore
 
-        return RedisOnlineStore(settings.redis_url)
+        return RedisOnlineStore(settings.redis_url, prefix=settings.redis_prefix)
     from encore.online.sqlite_store import SQLiteOnlineStore
 
     return SQLiteOnlineStore(settings.sqlite_online_path)
@@ -29,7 +29,7 @@ def open_online_reader(settings: Settings) -> AsyncOnlineReader:
     if settings.redis_url:
         from encore.online.redis_store import AsyncRedisReader
 
-        return AsyncRedisReader(settings.redis_url)
+        return AsyncRedisReader(settings.redis_url, prefix=settings.redis_prefix)
     from encore.online.sqlite_store import AsyncSQLiteReader
 
     return AsyncSQLiteReader(settings.sqlite_online_path)

@@ -1,0 +1,148 @@
+"""`encore demo`: data, a trained model, a published run, then the whole service in one go.
+
+Every step uses the same code as its own command; the stores are whatever the settings say
+(embedded SQLite under ENCORE_HOME by default, Redis and Postgres when their URLs are set).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+
+from encore.console import console, stage_progress
+from encore.errors import EncoreError
+from encore.settings import Settings
+
+logger = logging.getLogger("encore.demo")
+
+DEMO_USERS = 20_000
+DEMO_PLAYLISTS = 4_000
+
+
+def _check_port(host: str, port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise EncoreError(
+                f"port {port} on {host} is taken ({exc.strerror}); pass another for the {what}"
+            ) from exc
+
+
+def prepare(
+    settings: Settings,
+    *,
+    interactions: Path | None,
+    catalog: Path | None,
+    columns: list[str] | None,
+    sep: str | None,
+    users: int,
+    playlists: int,
+    fresh: bool,
+    run_evaluation: bool,
+) -> None:
+    """Generate (or read) data, train and promote a model, and publish a run."""
+    from encore.bundle import promoted_version
+    from scheduler.job import run_full
+    from training.fit import TrainParams
+    from training.ingest import read_catalog, read_interactions
+    from training.synthetic import SyntheticSpec, generate
+    from training.train import train_bundle
+
+    clock = time.perf_counter()
+    if fresh or promoted_version(settings.bundles_dir) is None:
+        if interactions is None:
+            out = settings.home / "demo-data"
+            with stage_progress() as progress:
+                data = generate(
+                    SyntheticSpec(users=users, playlists=playlists, seed=0),
+                    out,
+                    progress=lambda done, total: progress("generate users", done, total),
+                )
+            console.print(f"1/3 generated {data.rows:,} interactions of {users:,} users in {out}")
+            interactions, catalog = data.interactions, data.catalog
+        rows = read_interactions(interactions, columns=columns, sep=sep)
+        names = read_catalog(catalog) if catalog else None
+        with stage_progress() as progress:
+            bundle, evaluation = train_bundle(
+                rows,
+                settings.bundles_dir,
+                TrainParams(),
+                catalog=names,
+                run_evaluation=run_evaluation,
+                progress=progress,
+            )
+        quality = (
+            f"; recall@10 {evaluation.model.recall_at_10:.3f} vs popularity "
+            f"{evaluation.popularity.recall_at_10:.3f}"
+            if evaluation
+            else ""
+        )
+        console.print(f"2/3 trained and promoted model {bundle.version}{quality}")
+    else:
+        console.print(
+            f"1-2/3 reusing the promoted model {promoted_version(settings.bundles_dir)} "
+            "(pass --fresh to generate and train again)"
+        )
+    with stage_progress() as progress:
+        record = run_full(settings, kind="manual", progress=progress)
+    console.print(
+        f"3/3 published run {record.run_id}: {record.users_scored:,} users "
+        f"({record.cold_users:,} cold) in {record.duration_seconds:.1f} s; "
+        f"ready after {time.perf_counter() - clock:.0f} s"
+    )
+
+
+def serve(settings: Settings, *, host: str, port: int) -> None:
+    """The API and page (uvicorn), the nightly scheduler and its metrics, until Ctrl-C."""
+    import uvicorn
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from prometheus_client import start_http_server
+
+    from scheduler.cron import JOB_ID, metrics_registry, nightly
+
+    _check_port(host, port, "API (--port)")
+    _check_port(
+        host, settings.scheduler_metrics_port, "scheduler metrics (ENCORE_SCHEDULER_METRICS_PORT)"
+    )
+    metrics = metrics_registry(settings)
+    server, thread = start_http_server(
+        settings.scheduler_metrics_port, addr=host, registry=metrics.registry
+    )
+    scheduler = BackgroundScheduler(timezone=settings.schedule_timezone)
+    scheduler.add_job(
+        nightly,
+        "cron",
+        args=(settings, metrics),
+        id=JOB_ID,
+        coalesce=True,
+        max_instances=1,
+        hour=settings.schedule_time.hour,
+        minute=settings.schedule_time.minute,
+        misfire_grace_time=settings.misfire_grace_seconds,
+    )
+    scheduler.start()
+    base = f"http://{host}:{port}"
+    console.print(
+        "\n[bold]Encore is running[/] (Ctrl-C stops everything)\n"
+        f"  feedback page       {base}/\n"
+        f"  API docs            {base}/docs\n"
+        f"  API metrics         {base}/metrics\n"
+        f"  scheduler metrics   http://{host}:{settings.scheduler_metrics_port}/metrics\n"
+        f"  try                 curl -s -X POST {base}/v1/recommendations "
+        "-H 'content-type: application/json' -d '{\"user_ids\": [1, 2, 3]}'\n"
+        f"  next nightly run    {settings.schedule_time:%H:%M} {settings.schedule_timezone}\n",
+        highlight=False,
+    )
+    try:
+        uvicorn.run(
+            "model_server.main:app", host=host, port=port, log_level="warning", access_log=False
+        )
+    finally:
+        scheduler.shutdown(wait=False)
+        server.shutdown()
+        thread.join(timeout=5)
+        console.print("stopped: API, scheduler and metrics server")
