@@ -6,7 +6,7 @@ variables ($__rate_interval, ...) replaced so it can be sent to Prometheus as it
 tests/test_grafana_dashboards.py parses them all with promtool and checks their metric names;
 an integration test can reuse them to run every expression against a live Prometheus.
 
-This is a helper module, not a test module (pytest puts tests/ on sys.path: ``import promql``).
+This is a helper module, not a test module (``from tests.promql import ...``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
-from promql import (
+
+from tests.promql import (
     DASHBOARD_PROVIDERS,
     DASHBOARDS_DIR,
     DATASOURCES,

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-from promql import (
+
+from tests.promql import (
     ALERT_TESTS,
     ALERTS,
     PROMETHEUS_CONFIG,
