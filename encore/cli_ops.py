@@ -90,8 +90,6 @@ def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
 
     settings = get_settings()
     with open_database(settings) as db, open_online_store(settings) as store:
-        if db.dialect == "sqlite":
-            db.upgrade()
         current = store.current()
         records = db.list_runs(limit=limit)
     table = Table()

@@ -28,8 +28,7 @@ logger = logging.getLogger("encore.api")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     if not settings.database_url:
-        with open_database(settings) as db:
-            db.upgrade()  # the embedded default needs no separate migration step
+        open_database(settings).close()  # creates or upgrades the embedded SQLite schema
     reader = open_online_reader(settings)
     database = open_async_database(settings)
     try:

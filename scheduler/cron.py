@@ -37,8 +37,6 @@ def needs_catch_up(settings: Settings, *, now: datetime | None = None) -> bool:
     """True when no full run was published in the last day."""
     now = now or datetime.now(UTC)
     with open_database(settings) as db:
-        if db.dialect == "sqlite":
-            db.upgrade()
         last = db.last_published()
     return last is None or last.finished_at is None or now - last.finished_at > CATCH_UP_AFTER
 

@@ -133,8 +133,6 @@ def rollback(settings: Settings, run_id: str) -> RunRecord:
 def _resources(settings: Settings) -> Iterator[tuple[Database, OnlineStore]]:
     db = open_database(settings)
     try:
-        if db.dialect == "sqlite":
-            db.upgrade()  # the embedded default needs no separate migration step
         store = open_online_store(settings)
         try:
             yield db, store

@@ -98,6 +98,7 @@ class SQLiteDatabase(Database):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.conn = _connect(path)
+        self.upgrade()  # the embedded default needs no separate migration step
 
     def upgrade(self) -> list[str]:
         applied = []
