@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+GRAM_ROWS = 1 << 17  # rows per float64 block of the Gram matrix: 128 MiB at rank 128
 
 
 @dataclass(frozen=True)
@@ -77,21 +80,93 @@ def low_rank_factors(
     """
     normalized = row_normalize(matrix)
     pop = np.maximum(popularity(matrix), 1).astype(np.float32)
-    normalized = (normalized @ sp.diags(pop**-popularity_damping)).tocoo()
+    normalized = (normalized @ sp.diags(pop**-popularity_damping)).tocsr().astype(np.float32)
     rank = max(1, min(dim, min(matrix.shape) - 1))
-    tensor = torch.sparse_coo_tensor(
-        np.vstack([normalized.row, normalized.col]).astype(np.int64),
-        normalized.data.astype(np.float32),
-        size=normalized.shape,
-    ).coalesce()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        u, s, v = torch.svd_lowrank(tensor, q=rank, niter=iterations)
-    finally:
-        torch.random.set_rng_state(generator_state)
     users = np.zeros((matrix.shape[0], dim), dtype=np.float32)
     items = np.zeros((matrix.shape[1], dim), dtype=np.float32)
-    users[:, :rank] = (u * s).numpy()
-    items[:, :rank] = v.numpy()
+    if normalized.nnz == 0:
+        return users, items
+    forward, backward = _csr_tensor(normalized), _csr_tensor(normalized.T.tocsr())
+    generator = torch.Generator().manual_seed(seed)
+    # The subspace iteration runs on the shorter side (items, with many users), so every QR
+    # is on a short matrix; the long side only ever meets sparse products and one Gram matrix.
+    if matrix.shape[0] >= matrix.shape[1]:
+        basis, projected, scale = _subspace(forward, backward, rank, iterations, generator)
+        users[:, :rank] = projected.numpy()  # B W = U S
+        items[:, :rank] = basis.numpy()  # Q W = V
+    else:
+        basis, projected, scale = _subspace(backward, forward, rank, iterations, generator)
+        inverse = torch.where(scale > 0, 1.0 / scale.clamp(min=1e-30), 0.0)
+        users[:, :rank] = (basis * scale).numpy()  # Q W S = U S
+        items[:, :rank] = (projected * inverse).numpy()  # B W / S = V
     return users, items
+
+
+def _csr_tensor(matrix: sp.csr_matrix) -> torch.Tensor:
+    # torch's CSR x dense product is multi-threaded and ~3x faster than scipy's or COO's.
+    index = np.int32 if matrix.nnz < 2**31 and max(matrix.shape) < 2**31 else np.int64
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(matrix.indptr.astype(index)),
+            torch.from_numpy(matrix.indices.astype(index)),
+            torch.from_numpy(matrix.data.astype(np.float32, copy=False)),
+            size=matrix.shape,
+            check_invariants=False,
+        )
+
+
+def _subspace(
+    a: torch.Tensor, a_t: torch.Tensor, rank: int, iterations: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized SVD of ``a`` (m x n) with the basis kept on the n side.
+
+    Returns ``(Q W, A Q W, S)``: ``a ~= (A Q W) (Q W).T`` with ``Q W`` orthonormal, columns in
+    decreasing singular value order and signs fixed, so the same seed gives the same factors.
+    """
+    basis = _orthonormalize(torch.randn(a.shape[1], rank, generator=generator))
+    for _ in range(iterations):
+        basis = _orthonormalize(a_t @ (a @ basis))
+    projected = a @ basis
+    # An eigendecomposition of the small Gram matrix replaces an SVD of the long m x rank
+    # product.
+    gram = _gram(projected)
+    eigenvalues, rotation = torch.linalg.eigh(gram)
+    eigenvalues, rotation = eigenvalues.flip(0), rotation.flip(1)
+    basis = basis @ rotation.float()
+    signs = torch.sign(basis.gather(0, basis.abs().argmax(dim=0, keepdim=True)))
+    signs[signs == 0] = 1.0
+    basis *= signs
+    projected = projected @ (rotation.float() * signs)
+    return basis, projected, eigenvalues.clamp(min=0).sqrt().float()
+
+
+def _gram(tall: torch.Tensor) -> torch.Tensor:
+    """``tall.T @ tall`` accumulated in float64 by blocks, so small singular values survive."""
+    gram = torch.zeros(tall.shape[1], tall.shape[1], dtype=torch.float64)
+    for start in range(0, tall.shape[0], GRAM_ROWS):
+        part = tall[start : start + GRAM_ROWS].double()
+        gram += part.T @ part
+    return gram
+
+
+def _orthonormalize(tall: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of ``tall`` (n x rank, n >> rank).
+
+    Cholesky QR, twice: two Gram products and a triangular solve cost a fraction of a
+    Householder QR (4x less at 100k x 128), and the float64 Gram matrix with a second pass
+    keeps the basis orthonormal to float32 precision. A rank-deficient input falls back to QR.
+    """
+    for _ in range(2):
+        factor, info = torch.linalg.cholesky_ex(_gram(tall))
+        if int(info) != 0:
+            return torch.linalg.qr(tall).Q
+        identity = torch.eye(tall.shape[1], dtype=torch.float64)
+        inverse_t = torch.linalg.solve_triangular(factor, identity, upper=False).T
+        tall = torch.cat(
+            [
+                (tall[start : start + GRAM_ROWS].double() @ inverse_t).float()
+                for start in range(0, tall.shape[0], GRAM_ROWS)
+            ]
+        )
+    return tall

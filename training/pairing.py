@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,117 +156,185 @@ def candidates_from_neighbours(
 
     A user whose neighbours hold nothing new gets no candidates at all (a cold user, served
     the run's popularity fallback). Others are padded with the most popular playlists they
-    have not seen, up to ``cap``, so the ranker always has a full slate to order.
+    have not seen, up to ``cap``, so the ranker always has a full slate to order. Ties in
+    support go to the more popular playlist.
     """
-    n_users = matrix.shape[0]
-    binary = matrix.copy()
-    binary.data = np.ones_like(binary.data)
-    pop = popularity(matrix)
-    head = np.argsort(-pop, kind="stable")
-    valid = nbr_idx >= 0
-    lengths = np.zeros(n_users, dtype=np.int64)
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for start in range(0, n_users, block_users):
-        stop = min(n_users, start + block_users)
-        ok = valid[start:stop]
-        rows = np.repeat(np.arange(stop - start), ok.sum(axis=1))
-        cols = nbr_idx[start:stop][ok]
-        sims = nbr_sim[start:stop][ok]
-        weights = sp.csr_matrix((sims, (rows, cols)), shape=(stop - start, n_users))
-        ones = sp.csr_matrix((np.ones_like(sims), (rows, cols)), shape=weights.shape)
-        seen = binary[start:stop]
-        support = _drop_seen((weights @ binary).tocsr(), seen)
-        counts = _drop_seen((ones @ binary).tocsr(), seen)
-        if not np.array_equal(support.indices, counts.indices):  # pragma: no cover
-            raise AssertionError("support and neighbour counts lost alignment")
-        # Ties in support go to the more popular playlist, deterministically.
-        tie_break = pop[support.indices] / (2.0 * max(pop.max(), 1)) * 1e-4
-        row, pos = _top_per_row(support.indptr, support.data + tie_break, cap)
-        items = support.indices[pos].astype(np.int32)
-        sup = support.data[pos].astype(np.float32)
-        cnt = counts.data[pos].astype(np.uint16)
-        row, items, sup, cnt = _pad_with_popular(row, items, sup, cnt, seen, head, cap)
-        lengths[start:stop] = np.bincount(row, minlength=stop - start)
-        parts.append((items, sup, cnt))
+    n_users, n_items = matrix.shape
+    k = nbr_idx.shape[1] if nbr_idx.ndim == 2 else 0
+    head = np.argsort(-popularity(matrix), kind="stable")
+    rank_of = np.empty(n_items, dtype=np.int64)
+    rank_of[head] = np.arange(n_items)
+    # Columns renumbered by popularity rank: a product's column is then its tie-break key.
+    held = sp.csr_matrix(
+        (np.ones(matrix.nnz, np.int64), rank_of[matrix.indices], matrix.indptr),
+        shape=matrix.shape,
+    )
+    code = _KeyCode.plan(n_items, k, block_users, _max_support(nbr_idx, nbr_sim))
+
+    def block(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        stop = min(n_users, start + code.block)
+        keys = _block_keys(held, nbr_idx[start:stop], nbr_sim[start:stop], start, code)
+        keys = _top_keys(keys, stop - start, cap, code)
+        keys = _pad_with_popular(keys, held[start:stop], cap, code)
+        ranks, support, count = code.decode(keys)
+        lengths = np.bincount(keys >> code.row_shift, minlength=stop - start)
+        return lengths, head[ranks].astype(np.int32), support, count.astype(np.uint16)
+
+    # scipy's sparse product and numpy's sort release the GIL, so blocks run side by side.
+    with ThreadPoolExecutor(max_workers=_threads()) as pool:
+        parts = list(pool.map(block, range(0, n_users, code.block)))
+    if not parts:
+        empty = np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.uint16)
+        return Pairings(np.zeros(n_users + 1, np.int64), *empty)
+    lengths, items, support, count = (np.concatenate(p) for p in zip(*parts, strict=True))
+    del parts
     indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    if parts:
-        items, sup, cnt = (np.concatenate(p) for p in zip(*parts, strict=True))
-    else:
-        items, sup, cnt = np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.uint16)
-    return Pairings(indptr, items, sup, cnt)
+    return Pairings(indptr, items, support, count)
 
 
-def _drop_seen(scores: sp.csr_matrix, seen: sp.csr_matrix) -> sp.csr_matrix:
-    scores = scores - scores.multiply(seen)
-    scores.eliminate_zeros()
-    scores.sort_indices()
-    return scores
+def _threads() -> int:
+    """Worker threads for the pairing: the torch setting, which the caller may have lowered."""
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
-def _top_per_row(
-    indptr: np.ndarray, data: np.ndarray, k: int, *, cells: int = 1 << 23
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per CSR row, positions of its k largest values; returns (row, position) sorted by row.
+@dataclass(frozen=True)
+class _KeyCode:
+    """Packing of (row, support, popularity rank, count) into one sortable int64.
 
-    Rows are bucketed by length (powers of two) and padded per bucket, so memory stays
-    bounded and padding never more than doubles the work.
+    Sorting the keys orders rows, then support (highest first), then popularity: a plain
+    ``np.sort`` of int64 is an order of magnitude faster than any argsort.
     """
-    lengths = np.diff(indptr)
-    rows_out, pos_out = [], []
-    bucket = np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64)
-    for b in np.unique(bucket[lengths > 0]):
-        members = np.flatnonzero((bucket == b) & (lengths > 0))
-        width = int(lengths[members].max())
-        chunk = max(1, cells // width)
-        for i in range(0, len(members), chunk):
-            rows = members[i : i + chunk]
-            offsets = np.arange(width)
-            inside = offsets[None, :] < lengths[rows][:, None]
-            pos = np.minimum(indptr[rows][:, None] + offsets[None, :], len(data) - 1)
-            values = torch.from_numpy(np.where(inside, data[pos], -np.inf).astype(np.float64))
-            top_values, top_cols = torch.topk(values, min(k, width), dim=1)
-            keep = torch.isfinite(top_values).numpy()
-            chosen = np.take_along_axis(pos, top_cols.numpy(), axis=1)
-            rows_out.append(np.broadcast_to(rows[:, None], keep.shape)[keep])
-            pos_out.append(chosen[keep])
-    if not rows_out:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    rows_all, pos_all = np.concatenate(rows_out), np.concatenate(pos_out)
-    order = np.argsort(rows_all, kind="stable")
-    return rows_all[order], pos_all[order]
+
+    block: int
+    count_bits: int
+    rank_bits: int
+    support_bits: int
+    unit: float  # support quantum per 1.0 of similarity
+
+    @classmethod
+    def plan(cls, n_items: int, k: int, block: int, max_support: float) -> _KeyCode:
+        count_bits = max(1, (k + 1).bit_length())
+        rank_bits = max(1, (n_items - 1).bit_length())
+        block = max(1, block)
+        while True:
+            row_bits = max(1, (block - 1).bit_length())
+            support_bits = 62 - row_bits - rank_bits - count_bits
+            if support_bits >= 24 or block == 1:
+                break
+            block //= 2
+        if support_bits < 8:
+            raise ValueError(f"{n_items} items and {k} neighbours do not fit a 64-bit key")
+        # Headroom for rounding each neighbour's share up, and for the padding code.
+        room = (1 << support_bits) - 2 - k
+        return cls(block, count_bits, rank_bits, support_bits, room / max(max_support, 1e-12))
+
+    @property
+    def count_unit(self) -> int:
+        return 1 << self.support_bits
+
+    @property
+    def padding(self) -> int:
+        return (1 << self.support_bits) - 1  # sorts after every supported candidate
+
+    @property
+    def row_shift(self) -> int:
+        return self.support_bits + self.rank_bits + self.count_bits
+
+    def encode(self, row: np.ndarray, support: np.ndarray, rank: np.ndarray, count: np.ndarray):
+        return (
+            (row << self.row_shift)
+            | ((self.padding - 1 - support) << (self.rank_bits + self.count_bits))
+            | (rank << self.count_bits)
+            | count
+        )
+
+    def decode(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Popularity ranks, support (float32, 0 for padding) and counts of ``keys``."""
+        count = keys & ((1 << self.count_bits) - 1)
+        rank = (keys >> self.count_bits) & ((1 << self.rank_bits) - 1)
+        inverted = (keys >> (self.rank_bits + self.count_bits)) & self.padding
+        support = np.where(inverted == self.padding, 0, self.padding - 1 - inverted)
+        return rank, (support / self.unit).astype(np.float32), count
+
+
+def _max_support(nbr_idx: np.ndarray, nbr_sim: np.ndarray, rows: int = 1 << 16) -> float:
+    best = 0.0
+    for start in range(0, len(nbr_idx), rows):
+        ok = nbr_idx[start : start + rows] >= 0
+        sims = np.where(ok, np.maximum(nbr_sim[start : start + rows], 0), 0)
+        best = max(best, float(sims.sum(axis=1, dtype=np.float64).max(initial=0.0)))
+    return best
+
+
+def _block_keys(
+    held: sp.csr_matrix, idx: np.ndarray, sim: np.ndarray, start: int, code: _KeyCode
+) -> np.ndarray:
+    """Unsorted keys of every unseen playlist held by a neighbour, for one block of users.
+
+    One integer product gives support and neighbour count together (count in the high bits,
+    quantized support in the low ones), and a large negative weight on the user's own row
+    marks every playlist it has already seen.
+    """
+    n = len(idx)
+    ok = idx >= 0
+    quantized = np.rint(np.maximum(sim, 0).astype(np.float64) * code.unit).astype(np.int64)
+    # Each row: its neighbours, then the user itself; built as CSR directly (no COO sort).
+    cols = np.concatenate([idx, np.arange(start, start + n)[:, None]], axis=1)
+    data = np.concatenate(
+        [quantized + code.count_unit, np.full((n, 1), -(1 << 61), np.int64)], axis=1
+    )
+    mask = np.concatenate([ok, np.ones((n, 1), bool)], axis=1)
+    indptr = np.r_[0, np.cumsum(mask.sum(axis=1))]
+    mix = sp.csr_matrix((data[mask], cols[mask], indptr), shape=(n, held.shape[0]))
+    totals = mix @ held
+    data = totals.data
+    keep = data > 0
+    row = np.repeat(np.arange(n, dtype=np.int64), np.diff(totals.indptr))[keep]
+    data = data[keep]
+    return code.encode(
+        row,
+        data & (code.count_unit - 1),
+        totals.indices[keep].astype(np.int64),
+        data >> code.support_bits,
+    )
+
+
+def _top_keys(keys: np.ndarray, n_rows: int, cap: int, code: _KeyCode) -> np.ndarray:
+    """The ``cap`` best keys of every row, in order."""
+    keys.sort()
+    row = keys >> code.row_shift
+    first = np.searchsorted(row, np.arange(n_rows))
+    return keys[np.arange(len(keys)) - first[row] < cap]
 
 
 def _pad_with_popular(
-    row: np.ndarray,
-    items: np.ndarray,
-    sup: np.ndarray,
-    cnt: np.ndarray,
-    seen: sp.csr_matrix,
-    head: np.ndarray,
-    cap: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Append popular unseen playlists to rows holding between 1 and cap - 1 candidates."""
-    n_rows = seen.shape[0]
+    keys: np.ndarray, held: sp.csr_matrix, cap: int, code: _KeyCode
+) -> np.ndarray:
+    """Add popular unseen playlists to rows holding between 1 and cap - 1 candidates."""
+    n_rows, n_items = held.shape
+    row = keys >> code.row_shift
     have = np.bincount(row, minlength=n_rows)
     short = np.flatnonzero((have > 0) & (have < cap))
     if len(short) == 0:
-        return row, items, sup, cnt
-    width = min(len(head), cap + int(np.diff(seen.indptr)[short].max(initial=0)))
-    fill_items = head[:width]
-    taken = seen[short].tocsr()
-    taken = taken + sp.csr_matrix(
-        (np.ones(len(row)), (row, items)), shape=(n_rows, seen.shape[1])
-    ).tocsr()[short]
-    blocked = taken[:, fill_items].toarray() > 0
-    need = (cap - have[short])[:, None]
-    wanted = ~blocked & (np.cumsum(~blocked, axis=1) <= need)
-    fill_row = np.broadcast_to(short[:, None], wanted.shape)[wanted]
-    fill_item = np.broadcast_to(fill_items[None, :], wanted.shape)[wanted].astype(np.int32)
-    all_rows = np.concatenate([row, fill_row])
-    order = np.argsort(all_rows, kind="stable")  # supported candidates stay ahead of the fill
-    return (
-        all_rows[order],
-        np.concatenate([items, fill_item])[order],
-        np.concatenate([sup, np.zeros(len(fill_row), np.float32)])[order],
-        np.concatenate([cnt, np.zeros(len(fill_row), np.uint16)])[order],
+        return keys
+    # Popularity ranks are the columns of ``held``, so the fill is the first free ranks.
+    seen = np.diff(held.indptr)
+    width = min(n_items, cap + int(seen[short].max(initial=0)))
+    slot = np.full(n_rows, -1, dtype=np.int64)
+    slot[short] = np.arange(len(short))
+    blocked = np.zeros((len(short), width), dtype=bool)
+    rank_mask = (1 << code.rank_bits) - 1
+    taken = (
+        (np.repeat(np.arange(n_rows), seen), held.indices.astype(np.int64)),
+        (row, (keys >> code.count_bits) & rank_mask),
     )
+    for owner, rank in taken:
+        hit = (slot[owner] >= 0) & (rank < width)
+        blocked[slot[owner[hit]], rank[hit]] = True
+    free = ~blocked
+    wanted = free & (np.cumsum(free, axis=1) <= (cap - have[short])[:, None])
+    fill_slot, fill_rank = np.nonzero(wanted)
+    fill = code.encode(short[fill_slot], np.int64(-1), fill_rank.astype(np.int64), np.int64(0))
+    merged = np.concatenate([keys, fill])
+    merged.sort()
+    return merged
