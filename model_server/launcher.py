@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 from encore.settings import Settings
 
@@ -22,8 +21,7 @@ def launch_run(settings: Settings, run_id: str, user_ids: list[int] | None) -> s
         users_file = logs / f"backfill-{run_id}.txt"
         users_file.write_text("\n".join(map(str, user_ids)) + "\n")
         command = ["backfill", "--users", str(users_file), "--run-id", run_id]
-    log = Path(logs / f"run-{run_id}.log").open("ab")
-    with log:
+    with (logs / f"run-{run_id}.log").open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "encore", *command],
             stdin=subprocess.DEVNULL,

@@ -21,7 +21,9 @@ async def _model_version(state: StateDep, run_id: str) -> str | None:
         current = await state.current_run()
         if current.run_id == run_id:
             return current.model_version
-    except NoPublishedRun:
+    except (NoPublishedRun, StoreUnavailable):
+        # The served run is only a shortcut: with the online store down, the run records
+        # still name the model, and a like must not be lost to a Redis outage.
         pass
     record = await state.database.get_run(run_id)
     return record.model_version if record else None

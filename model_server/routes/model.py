@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from model_server import metrics
 from model_server.deps import SettingsDep, StateDep
+from model_server.schemas import MAX_ID
 
 router = APIRouter(prefix="/v1", tags=["model"])
 
@@ -39,11 +40,13 @@ async def playlists(
         wanted = [int(part) for part in ids.split(",") if part.strip()]
     except ValueError as exc:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY, f"ids must be comma-separated integers: {exc}"
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"ids must be comma-separated integers: {exc}"
         ) from exc
-    if not wanted or len(wanted) > 200 or min(wanted) < 0:
+    # Ids are 64-bit: a larger one would overflow SQLite's INTEGER (a 500, not a 422).
+    if not wanted or len(wanted) > 200 or min(wanted) < 0 or max(wanted) > MAX_ID:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY, "give between 1 and 200 non-negative ids"
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"give between 1 and 200 ids, each between 0 and {MAX_ID}",
         )
     run = await state.current_run()
     with metrics.STORE_READ_SECONDS.labels("names").time():

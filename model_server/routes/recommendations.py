@@ -21,7 +21,7 @@ def _check_n(n: int | None, run: RunInfo) -> int:
     n = min(DEFAULT_N, run.top_n) if n is None else n
     if n > run.top_n:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"n must be between 1 and {run.top_n} (the lists stored by run {run.run_id}); got {n}",
         )
     return n
@@ -69,7 +69,7 @@ async def recommendation(
 ) -> Response:
     run = await state.current_run()
     if n is not None and n < 1:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"n must be >= 1; got {n}")
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"n must be >= 1; got {n}")
     count = _check_n(n, run)
     (item,) = await _items(state, run, [user_id], count)
     return Response(_head(run) + b"," + item[1:], media_type="application/json")

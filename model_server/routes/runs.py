@@ -41,7 +41,7 @@ async def start_run(
 ) -> dict:
     if body.kind == "manual" and body.user_ids is not None:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY, "user_ids is only for kind 'backfill'"
+            status.HTTP_422_UNPROCESSABLE_CONTENT, "user_ids is only for kind 'backfill'"
         )
     now = datetime.now(UTC)
     record = RunRecord(new_run_id(now), body.kind, "queued", created_at=now)
