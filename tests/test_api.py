@@ -60,7 +60,11 @@ class Backend:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {"ENCORE_HOME": str(self.settings.home), "ENCORE_WORKERS": "2"}
+        env = {
+            "ENCORE_HOME": str(self.settings.home),
+            "ENCORE_WORKERS": "2",
+            "ENCORE_REDIS_PREFIX": self.settings.redis_prefix,
+        }
         if self.settings.redis_url:
             env["ENCORE_REDIS_URL"] = self.settings.redis_url
         if self.settings.database_url:
@@ -104,8 +108,8 @@ class Backend:
 
 
 @contextmanager
-def real_redis() -> Iterator[str]:
-    """Like conftest's ``redis_url``, for a whole module."""
+def real_redis() -> Iterator[tuple[str, str]]:
+    """Like conftest's ``redis_url`` (a key prefix of its own), for a whole module."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
@@ -113,11 +117,12 @@ def real_redis() -> Iterator[str]:
         client.ping()
     except redis.RedisError as exc:
         _unavailable(f"Redis at {REDIS_URL}", exc)
-    client.flushdb()
+    prefix = f"encore-test-{uuid.uuid4().hex[:12]}"
     try:
-        yield REDIS_URL
+        yield REDIS_URL, prefix
     finally:
-        client.flushdb()
+        for key in client.scan_iter(f"{prefix}:*", count=1000):
+            client.unlink(key)
         client.close()
 
 
@@ -143,9 +148,14 @@ def real_postgres() -> Iterator[str]:
 @contextmanager
 def published_backend(kind: str, home: Path) -> Iterator[Backend]:
     """A backend of ``kind`` with the random bundle's run published (2 scoring processes)."""
-    with _stores(kind) as (redis_url, database_url):
+    with _stores(kind) as (redis_url, prefix, database_url):
         settings = Settings(
-            home=home, redis_url=redis_url, database_url=database_url, workers=2, _env_file=None
+            home=home,
+            redis_url=redis_url,
+            redis_prefix=prefix,
+            database_url=database_url,
+            workers=2,
+            _env_file=None,
         )
         if database_url:
             with open_database(settings) as db:
@@ -158,12 +168,12 @@ def published_backend(kind: str, home: Path) -> Iterator[Backend]:
 
 
 @contextmanager
-def _stores(kind: str) -> Iterator[tuple[str | None, str | None]]:
+def _stores(kind: str) -> Iterator[tuple[str | None, str, str | None]]:
     if kind == "sqlite":
-        yield None, None
+        yield None, "encore", None
         return
-    with real_redis() as redis_url, real_postgres() as database_url:
-        yield redis_url, database_url
+    with real_redis() as (redis_url, prefix), real_postgres() as database_url:
+        yield redis_url, prefix, database_url
 
 
 def use_backend(monkeypatch: pytest.MonkeyPatch, backend: Backend, **env: str) -> None:
