@@ -34,7 +34,7 @@ class TrainParams:
     candidates: int = 75
     pairing_method: str = "auto"
     dim: int = 128
-    hidden: tuple[int, ...] = (64, 32)
+    hidden: tuple[int, ...] = (32,)
     epochs: int = 30
     batch_users: int = 128
     learning_rate: float = 3e-3

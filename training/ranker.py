@@ -38,15 +38,17 @@ class Ranker(nn.Module):
         n_items: int,
         *,
         dim: int = 128,
-        hidden: tuple[int, ...] = (64, 32),
+        hidden: tuple[int, ...] = (32,),
         neighbours: int = 50,
         candidates: int = 75,
     ) -> None:
         super().__init__()
         self.neighbours = neighbours
         self.candidates = candidates
-        self.user_embedding = nn.Embedding(n_users, dim)
-        self.item_embedding = nn.Embedding(n_items, dim)
+        # The tables are installed by set_tables or load_state_dict; torch.empty only reserves
+        # address space, so building a 1M-user model costs no time and no resident memory.
+        self.user_embedding = nn.Embedding(n_users, dim, _weight=torch.empty(n_users, dim))
+        self.item_embedding = nn.Embedding(n_items, dim, _weight=torch.empty(n_items, dim))
         self.user_embedding.weight.requires_grad_(False)
         self.item_embedding.weight.requires_grad_(False)
         self.register_buffer("user_log_activity", torch.zeros(n_users))
@@ -188,15 +190,14 @@ def rank_users(
 def load_ranker(bundle: Bundle) -> Ranker:
     """The bundle's ranker with memory-mapped weights, ready for inference."""
     spec = bundle.metadata["model"]
-    with torch.device("meta"):
-        ranker = Ranker(
-            spec["n_users"],
-            spec["n_items"],
-            dim=spec["dim"],
-            hidden=tuple(spec["hidden"]),
-            neighbours=spec["neighbours"],
-            candidates=spec["candidates"],
-        )
+    ranker = Ranker(
+        spec["n_users"],
+        spec["n_items"],
+        dim=spec["dim"],
+        hidden=tuple(spec["hidden"]),
+        neighbours=spec["neighbours"],
+        candidates=spec["candidates"],
+    )
     ranker.load_state_dict(bundle.load_state_dict(), assign=True)
     ranker.user_embedding.weight.requires_grad_(False)
     ranker.item_embedding.weight.requires_grad_(False)
