@@ -13,19 +13,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import redis
-import torch
 
 from encore.settings import Settings
 from scheduler.job import run_full
-from training.random_bundle import build_random_bundle
+
+
+def _build(home: Path, users: int, playlists: int, candidates: int, dim: int) -> str:
+    from training.random_bundle import build_random_bundle
+
+    bundle = build_random_bundle(
+        home / "bundles", users=users, playlists=playlists, candidates=candidates, dim=dim
+    )
+    return bundle.version
 
 
 class TreeMemory:
@@ -90,6 +99,8 @@ def write_floor(client: redis.Redis, payloads: dict[bytes, bytes], batch: int) -
 
 def naive(home: Path, version: str, client: redis.Redis, sample: int, top_n: int) -> float:
     """Seconds per user when each user is scored, encoded and written on its own."""
+    import torch
+
     from encore.bundle import open_bundle
     from scheduler.worker import Scorer
 
@@ -122,13 +133,11 @@ def main() -> None:
     client = redis.Redis.from_url(args.redis_url)
     with tempfile.TemporaryDirectory(prefix="encore-bench-") as tmp:
         home = Path(tmp)
-        version = build_random_bundle(
-            home / "bundles",
-            users=args.users,
-            playlists=args.playlists,
-            candidates=args.candidates,
-            dim=args.dim,
-        ).version
+        # Built in a child process, so this process's memory holds only what the run needs.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            version = child.submit(
+                _build, home, args.users, args.playlists, args.candidates, args.dim
+            ).result()
         settings = Settings(home=home, redis_url=args.redis_url, top_n=args.top_n)
         with TreeMemory() as memory:
             clock = time.perf_counter()
