@@ -9,11 +9,10 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.segment import Segments
 from rich.table import Table
 
 from encore import cli_ops
-from encore.console import configure_logging, console, stage_progress
+from encore.console import configure_logging, console, print_table, stage_progress
 from encore.errors import EncoreError
 from encore.settings import get_settings
 
@@ -195,11 +194,7 @@ def models_list() -> None:
             str(metrics.get("recall@10", "-")),
             str(metrics.get("ndcg@10", "-")),
         )
-    # Laid out at its natural width, never squeezed to the console (80 columns when piped):
-    # squeezing cropped the version that `models promote` needs and dropped the * marker.
-    natural = console.measure(table, options=console.options.update_width(1000)).maximum
-    options = console.options.update_width(max(console.width, natural))
-    console.print(Segments(console.render(table, options)), crop=False)
+    print_table(table)
 
 
 @models_app.command("promote")

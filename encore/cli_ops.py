@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from encore.console import console, stage_progress
+from encore.console import console, print_table, stage_progress
 from encore.errors import InputError
 from encore.settings import get_settings
 
@@ -107,7 +107,7 @@ def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
             f"{r.duration_seconds:.1f}" if r.duration_seconds else "-",
             f"{r.drift_score:.4f}" if r.drift_score is not None else "-",
         )
-    console.print(table)
+    print_table(table)
     console.print("* marks the run being served")
 
 

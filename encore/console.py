@@ -18,6 +18,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.segment import Segments
+from rich.table import Table
 
 console = Console(stderr=True)
 
@@ -58,3 +60,14 @@ def stage_progress() -> Iterator[StageProgress]:
         transient=False,
     ) as progress:
         yield StageProgress(progress)
+
+
+def print_table(table: Table) -> None:
+    """Lay a table out at its natural width, never squeezed to the console.
+
+    Squeezed to 80 columns (the width when piped), ids that other commands need (a model
+    version, a run id) were cropped and narrow marker columns dropped.
+    """
+    natural = console.measure(table, options=console.options.update_width(1000)).maximum
+    options = console.options.update_width(max(console.width, natural))
+    console.print(Segments(console.render(table, options)), crop=False)
