@@ -66,12 +66,17 @@ class TreeMemory:
         return 0
 
     def _run(self) -> None:
+        tick = 0
         while not self._stop.is_set():
             pids = self._tree(os.getpid())
             self.peak_rss = max(self.peak_rss, sum(self._kb(p, "status", "VmRSS:") for p in pids))
-            self.peak_pss = max(
-                self.peak_pss, sum(self._kb(p, "smaps_rollup", "Pss:") for p in pids)
-            )
+            # smaps_rollup walks page tables under the process's mmap lock and stalls its
+            # page faults: read it twenty times less often than the cheap VmRSS.
+            if tick % 20 == 0:
+                self.peak_pss = max(
+                    self.peak_pss, sum(self._kb(p, "smaps_rollup", "Pss:") for p in pids)
+                )
+            tick += 1
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreeMemory:
