@@ -82,24 +82,29 @@ def low_rank_factors(
     pop = np.maximum(popularity(matrix), 1).astype(np.float32)
     normalized = (normalized @ sp.diags(pop**-popularity_damping)).tocsr().astype(np.float32)
     rank = max(1, min(dim, min(matrix.shape) - 1))
-    users = np.zeros((matrix.shape[0], dim), dtype=np.float32)
-    items = np.zeros((matrix.shape[1], dim), dtype=np.float32)
     if normalized.nnz == 0:
-        return users, items
+        return _widen(torch.zeros(matrix.shape[0], 0), dim), _widen(
+            torch.zeros(matrix.shape[1], 0), dim
+        )
     forward, backward = _csr_tensor(normalized), _csr_tensor(normalized.T.tocsr())
     generator = torch.Generator().manual_seed(seed)
     # The subspace iteration runs on the shorter side (items, with many users), so every QR
     # is on a short matrix; the long side only ever meets sparse products and one Gram matrix.
     if matrix.shape[0] >= matrix.shape[1]:
         basis, projected, scale = _subspace(forward, backward, rank, iterations, generator)
-        users[:, :rank] = projected.numpy()  # B W = U S
-        items[:, :rank] = basis.numpy()  # Q W = V
-    else:
-        basis, projected, scale = _subspace(backward, forward, rank, iterations, generator)
-        inverse = torch.where(scale > 0, 1.0 / scale.clamp(min=1e-30), 0.0)
-        users[:, :rank] = (basis * scale).numpy()  # Q W S = U S
-        items[:, :rank] = (projected * inverse).numpy()  # B W / S = V
-    return users, items
+        return _widen(projected, dim), _widen(basis, dim)  # B W = U S, Q W = V
+    basis, projected, scale = _subspace(backward, forward, rank, iterations, generator)
+    inverse = torch.where(scale > 0, 1.0 / scale.clamp(min=1e-30), 0.0)
+    return _widen(basis * scale, dim), _widen(projected.mul_(inverse), dim)  # Q W S, B W / S
+
+
+def _widen(factors: torch.Tensor, dim: int) -> np.ndarray:
+    """``factors`` as float32 numpy with zero columns up to ``dim`` (no copy when full)."""
+    if factors.shape[1] == dim:
+        return factors.numpy()
+    wide = np.zeros((factors.shape[0], dim), dtype=np.float32)
+    wide[:, : factors.shape[1]] = factors.numpy()
+    return wide
 
 
 def _csr_tensor(matrix: sp.csr_matrix) -> torch.Tensor:
@@ -137,7 +142,9 @@ def _subspace(
     signs = torch.sign(basis.gather(0, basis.abs().argmax(dim=0, keepdim=True)))
     signs[signs == 0] = 1.0
     basis *= signs
-    projected = projected @ (rotation.float() * signs)
+    rotation = rotation.float() * signs
+    for start in range(0, projected.shape[0], GRAM_ROWS):  # in place: no second m x rank copy
+        projected[start : start + GRAM_ROWS] = projected[start : start + GRAM_ROWS] @ rotation
     return basis, projected, eigenvalues.clamp(min=0).sqrt().float()
 
 
