@@ -5,6 +5,7 @@ where the time or the plumbing matters and the quality does not.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,14 @@ def build_random_bundle(
     cold_every: int = 0,
     version: str = "random",
     seed: int = 0,
-    names: bool = False,
+    names: bool | Mapping[int, str] = False,
     promote_it: bool = True,
 ) -> Bundle:
     """Users get ids ``7 * (code + 1)``, playlists ``code + 1``.
 
     ``cold_every = k`` leaves every k-th user without candidates (a cold user).
+    ``names=True`` writes a catalog naming every playlist ``Playlist <id>``; a mapping
+    ``{playlist_id: name}`` writes exactly those names (other playlists have none).
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -41,8 +44,8 @@ def build_random_bundle(
         ranker.item_embedding.weight.normal_(0, 0.1)
     popularity = np.floor(1e5 / np.arange(1, playlists + 1) ** 0.9).astype(np.int64)
     ranker.set_tables(
-        ranker.user_embedding.weight.numpy(),
-        ranker.item_embedding.weight.numpy(),
+        ranker.user_embedding.weight.detach(),
+        ranker.item_embedding.weight.detach(),
         rng.integers(1, 200, users),
         popularity,
     )
@@ -65,10 +68,18 @@ def build_random_bundle(
         np.save(directory / "playlist_ids.npy", playlist_ids)
         np.save(directory / "popularity.npy", popularity)
         pairings.save(directory / "pairings")
-        if names:
-            pd.DataFrame(
+        if isinstance(names, Mapping):
+            catalog = pd.DataFrame(
+                {"playlist_id": list(names), "name": list(names.values())}
+            ).astype({"playlist_id": "int64", "name": "string"})
+        elif names:
+            catalog = pd.DataFrame(
                 {"playlist_id": playlist_ids, "name": [f"Playlist {i}" for i in playlist_ids]}
-            ).to_parquet(directory / "catalog.parquet", index=False)
+            )
+        else:
+            catalog = None
+        if catalog is not None:
+            catalog.to_parquet(directory / "catalog.parquet", index=False)
 
     metadata = {
         "data_fingerprint": f"sha256:random-{seed}",
@@ -80,7 +91,7 @@ def build_random_bundle(
             "n_users": users,
             "n_items": playlists,
             "dim": dim,
-            "hidden": [64, 32],
+            "hidden": [32],
             "neighbours": 50,
             "candidates": candidates,
         },
