@@ -5,6 +5,7 @@ where the time or the plumbing matters and the quality does not.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def build_random_bundle(
     support = np.sort(rng.random(total, dtype=np.float32))[::-1]
     pairings = Pairings(
         indptr=np.r_[0, np.cumsum(lengths)].astype(np.int64),
-        items=rng.integers(0, playlists, total, dtype=np.int32),
+        items=_distinct_candidates(rng, lengths, playlists, candidates),
         support=np.ascontiguousarray(support),
         neighbours=rng.integers(0, 50, total, dtype=np.uint16),
     )
@@ -100,3 +101,18 @@ def build_random_bundle(
     if promote_it:
         promote(bundles_dir, bundle.version)
     return bundle
+
+
+def _distinct_candidates(
+    rng: np.random.Generator, lengths: np.ndarray, playlists: int, candidates: int
+) -> np.ndarray:
+    """Each user's candidates: distinct playlists, as real pairings have them."""
+    if candidates > playlists:
+        raise ValueError(f"candidates ({candidates}) cannot exceed playlists ({playlists})")
+    # A stride coprime with the playlist count visits `candidates` distinct residues.
+    step = max(1, playlists // max(candidates, 1))
+    while math.gcd(step, playlists) != 1:
+        step += 1
+    offsets = rng.integers(0, playlists, int((lengths > 0).sum()), dtype=np.int64)
+    grid = (offsets[:, None] + np.arange(candidates, dtype=np.int64)[None, :] * step) % playlists
+    return grid.astype(np.int32).ravel()
