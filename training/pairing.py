@@ -8,10 +8,10 @@ never one Python object per pair.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,7 +37,7 @@ ANN_LISTS_PER_ROOT = 2.0
 ANN_PROBES = 12
 ANN_KMEANS_ITERATIONS = 10
 ANN_SEED = 1234
-ANN_QUERY_BATCH = 16384
+ANN_QUERY_BATCH = 32768
 ANN_CELLS = 1 << 18
 PAIRING_FILES = ("indptr", "items", "support", "neighbours")
 
@@ -147,15 +147,20 @@ def ann_neighbours(user_factors: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     # ~2 sqrt(n) lists balance k-means and probing against the list scans; faiss wants ~39
     # training points per list, and 64 are plenty.
     lists = max(1, min(int(ANN_LISTS_PER_ROOT * math.sqrt(n)), n // 39))
-    rng = np.random.default_rng(ANN_SEED)
-    sample = factors[np.sort(rng.choice(n, size=min(n, 64 * lists), replace=False))]
-    faiss.normalize_L2(sample)
-    kmeans = faiss.Kmeans(
-        dim, lists, niter=ANN_KMEANS_ITERATIONS, seed=ANN_SEED, spherical=True, verbose=False
-    )
-    kmeans.train(sample)
-    # A user's norm does not change which centroids are nearest: no normalized copy yet.
-    _, probes = kmeans.index.search(factors, min(lists, ANN_PROBES))
+    clock = time.perf_counter()
+    if lists > 1:
+        rng = np.random.default_rng(ANN_SEED)
+        sample = factors[np.sort(rng.choice(n, size=min(n, 64 * lists), replace=False))]
+        faiss.normalize_L2(sample)
+        kmeans = faiss.Kmeans(
+            dim, lists, niter=ANN_KMEANS_ITERATIONS, seed=ANN_SEED, spherical=True, verbose=False
+        )
+        kmeans.train(sample)
+        # A user's norm does not change which centroids are nearest: no normalized copy yet.
+        _, probes = kmeans.index.search(factors, min(lists, ANN_PROBES))
+    else:
+        probes = np.zeros((n, 1), dtype=np.int64)
+    logger.debug("ann: %d lists and probes in %.1fs", lists, time.perf_counter() - clock)
     # Users sorted by their own (nearest) list: each list is a contiguous slice, and a batch
     # of consecutive users shares most of its probes.
     order = np.argsort(probes[:, 0], kind="stable")
@@ -164,6 +169,7 @@ def ann_neighbours(user_factors: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     faiss.normalize_L2(ordered)
     search = _ProbeSearch(torch.from_numpy(ordered), probes[order], starts, k)
     del probes
+    clock = time.perf_counter()
     workers = _threads()
     with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
         for first, (found, scores) in zip(
@@ -175,6 +181,7 @@ def ann_neighbours(user_factors: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
             valid = (found >= 0) & (scores > 0)
             idx[users] = np.where(valid, order[np.maximum(found, 0)], -1)
             sim[users] = np.where(valid, scores, 0.0)
+    logger.debug("ann: search in %.1fs", time.perf_counter() - clock)
     return idx, sim
 
 
@@ -290,12 +297,6 @@ class _ScoreKeys:
         level = (keys >> self.position_bits) & ((1 << self.score_bits) - 1)
         scores[row, rank] = 1.0 - level / self.scale
         return positions, scores
-
-
-def _runs(values: np.ndarray) -> list[tuple[int, int]]:
-    """``[lo, hi)`` ranges of equal consecutive values."""
-    edges = np.r_[0, np.flatnonzero(np.diff(values)) + 1, len(values)]
-    return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def _chunks(lo: int, hi: int, columns: int) -> list[tuple[int, int]]:
