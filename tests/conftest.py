@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,9 @@ def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     get_settings.cache_clear()
 
 
-@pytest.fixture
-def redis_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A real Redis, with a key prefix of this test's own (ENCORE_REDIS_PREFIX).
+@contextmanager
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of its own on the real Redis; its keys are unlinked afterwards.
 
     Nothing is flushed: other tests, or other users of the server, keep their keys.
     """
@@ -50,14 +51,23 @@ def redis_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     except redis.RedisError as exc:
         _unavailable(f"Redis at {REDIS_URL}", exc)
     prefix = f"encore-test-{uuid.uuid4().hex[:12]}"
-    monkeypatch.setenv("ENCORE_REDIS_PREFIX", prefix)
+    try:
+        yield prefix
+    finally:
+        for keys in _batched(client.scan_iter(f"{prefix}:*", count=1000), 1000):
+            client.unlink(*keys)
+        client.close()
+
+
+@pytest.fixture
+def redis_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real Redis, with a key prefix of this test's own (ENCORE_REDIS_PREFIX)."""
     from encore.settings import get_settings
 
-    get_settings.cache_clear()
-    yield REDIS_URL
-    for keys in _batched(client.scan_iter(f"{prefix}:*", count=1000), 1000):
-        client.unlink(*keys)
-    client.close()
+    with redis_prefix() as prefix:
+        monkeypatch.setenv("ENCORE_REDIS_PREFIX", prefix)
+        get_settings.cache_clear()
+        yield REDIS_URL
 
 
 def _batched(items, size: int):
@@ -71,9 +81,9 @@ def _batched(items, size: int):
         yield batch
 
 
-@pytest.fixture
-def database_url() -> Iterator[str]:
-    """A real Postgres: a fresh schema-less database per test, dropped afterwards."""
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A fresh, schema-less database on the real Postgres, dropped afterwards."""
     import psycopg
 
     name = f"encore_test_{uuid.uuid4().hex[:12]}"
@@ -83,10 +93,18 @@ def database_url() -> Iterator[str]:
         _unavailable(f"Postgres at {DATABASE_URL}", exc)
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = psycopg.conninfo.make_conninfo(DATABASE_URL, dbname=name)
-    yield url
-    with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield psycopg.conninfo.make_conninfo(DATABASE_URL, dbname=name)
+    finally:
+        with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    """A real Postgres: a fresh schema-less database per test, dropped afterwards."""
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

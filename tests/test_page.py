@@ -11,12 +11,15 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import REDIS_URL, fresh_database, redis_prefix
 
 pytestmark = pytest.mark.browser
 
@@ -94,62 +97,87 @@ class Server:
         raise AssertionError("no user's list has what the test needs; change the seed or sizes")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One published run and one app for the module (the run takes 10-20 s).
+@contextmanager
+def _stores(stack: str) -> Iterator[dict[str, str]]:
+    """The ENCORE_ store settings of a stack: the embedded SQLite default, or real servers."""
+    if stack == "sqlite":
+        yield {}
+        return
+    with redis_prefix() as prefix, fresh_database() as database_url:
+        yield {
+            "ENCORE_REDIS_URL": REDIS_URL,
+            "ENCORE_REDIS_PREFIX": prefix,
+            "ENCORE_DATABASE_URL": database_url,
+        }
+
+
+@pytest.fixture(
+    scope="module",
+    params=["sqlite", pytest.param("redis+postgres", marks=pytest.mark.integration)],
+)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One published run and one app per stack (the run takes 10-20 s).
 
     Its environment is set only while it starts; the app keeps its Settings object (and the
     settings dependency is pinned to it), so the per-test ENCORE_HOME of conftest does not
-    reach it.
+    reach it. The stores (a Redis prefix, a Postgres database) live until the module ends.
     """
     import uvicorn
 
+    from encore.database import open_database
     from encore.settings import get_settings
     from model_server.app import create_app
     from scheduler.job import run_full
     from training.random_bundle import build_random_bundle
 
     home = tmp_path_factory.mktemp("page") / "home"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ENCORE_HOME", str(home))
-        mp.setenv("ENCORE_WORKERS", "2")
-        mp.delenv("ENCORE_REDIS_URL", raising=False)
-        mp.delenv("ENCORE_DATABASE_URL", raising=False)
-        get_settings.cache_clear()
-        settings = get_settings()
-        build_random_bundle(
-            settings.bundles_dir,
-            users=USERS,
-            playlists=PLAYLISTS,
-            candidates=20,
-            dim=16,
-            names=NAMES,
-            cold_every=COLD_EVERY,
-        )
-        record = run_full(settings)
-        assert record.status == "published", record
+    with _stores(request.param) as stores:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ENCORE_HOME", str(home))
+            mp.setenv("ENCORE_WORKERS", "2")
+            mp.delenv("ENCORE_REDIS_URL", raising=False)
+            mp.delenv("ENCORE_DATABASE_URL", raising=False)
+            for key, value in stores.items():
+                mp.setenv(key, value)
+            get_settings.cache_clear()
+            settings = get_settings()
+            with open_database(settings) as db:
+                db.upgrade()  # what `encore db upgrade` does
+            build_random_bundle(
+                settings.bundles_dir,
+                users=USERS,
+                playlists=PLAYLISTS,
+                candidates=20,
+                dim=16,
+                names=NAMES,
+                cold_every=COLD_EVERY,
+            )
+            record = run_full(settings)
+            assert record.status == "published", record
 
-        app = create_app()
-        app.dependency_overrides[get_settings] = lambda: settings
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not uv.started:
-            assert thread.is_alive(), "the server thread died while starting"
-            assert time.monotonic() < deadline, "the server did not start in 30 s"
-            time.sleep(0.05)
-        get_settings.cache_clear()
-    try:
-        yield Server(f"http://127.0.0.1:{port}", settings)
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+            app = create_app()
+            app.dependency_overrides[get_settings] = lambda: settings
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+            thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while not uv.started:
+                assert thread.is_alive(), "the server thread died while starting"
+                assert time.monotonic() < deadline, "the server did not start in 30 s"
+                time.sleep(0.05)
+            get_settings.cache_clear()
+        try:
+            yield Server(f"http://127.0.0.1:{port}", settings)
+        finally:
+            uv.should_exit = True
+            thread.join(timeout=15)
+            sock.close()
 
 
 # ---- the browser --------------------------------------------------------------------------
