@@ -11,7 +11,8 @@ from encore.settings import Settings, get_settings
 from model_server.state import ServingState
 
 
-def get_state(request: Request) -> ServingState:
+async def get_state(request: Request) -> ServingState:
+    # async: FastAPI runs a plain ``def`` dependency in a worker thread, a hop per request.
     return request.app.state.serving
 
 
