@@ -136,6 +136,7 @@ def serve(settings: Settings, *, host: str, port: int) -> None:
         "-H 'content-type: application/json' -d '{\"user_ids\": [1, 2, 3]}'\n"
         f"  next nightly run    {settings.schedule_time:%H:%M} {settings.schedule_timezone}\n",
         highlight=False,
+        soft_wrap=True,  # the curl line must stay one line to be copied and pasted
     )
     try:
         uvicorn.run(
