@@ -203,8 +203,10 @@ def demo(
 ) -> None:
     """Generate data, train, publish a run, then serve the API, page and scheduler."""
     from encore import demo as run_demo
+    from scheduler.cron import metrics_registry
 
     settings = get_settings()
+    metrics = metrics_registry(settings)
     run_demo.prepare(
         settings,
         interactions=interactions,
@@ -215,9 +217,10 @@ def demo(
         playlists=playlists,
         fresh=fresh or interactions is not None,
         run_evaluation=run_evaluation,
+        metrics=metrics,
     )
     if serve_after:
-        run_demo.serve(settings, host=host, port=port)
+        run_demo.serve(settings, host=host, port=port, metrics=metrics)
 
 
 def _print_run(record) -> None:

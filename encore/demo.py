@@ -10,10 +10,14 @@ import logging
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from encore.console import console, stage_progress
 from encore.errors import EncoreError
 from encore.settings import Settings
+
+if TYPE_CHECKING:
+    from scheduler.metrics import RunMetrics
 
 logger = logging.getLogger("encore.demo")
 
@@ -43,8 +47,13 @@ def prepare(
     playlists: int,
     fresh: bool,
     run_evaluation: bool,
+    metrics: RunMetrics | None = None,
 ) -> None:
-    """Generate (or read) data, train and promote a model, and publish a run."""
+    """Generate (or read) data, train and promote a model, and publish a run.
+
+    With ``metrics`` (the scheduler's, which ``serve`` then exposes) the run is counted in
+    them, so the dashboards show the demo's run and not only the nightly ones after it.
+    """
     from encore.bundle import promoted_version
     from scheduler.job import run_full
     from training.fit import TrainParams
@@ -88,7 +97,7 @@ def prepare(
             "(pass --fresh to generate and train again)"
         )
     with stage_progress() as progress:
-        record = run_full(settings, kind="manual", progress=progress)
+        record = run_full(settings, kind="manual", progress=progress, metrics=metrics)
     console.print(
         f"3/3 published run {record.run_id}: {record.users_scored:,} users "
         f"({record.cold_users:,} cold) in {record.duration_seconds:.1f} s; "
@@ -96,7 +105,9 @@ def prepare(
     )
 
 
-def serve(settings: Settings, *, host: str, port: int) -> None:
+def serve(
+    settings: Settings, *, host: str, port: int, metrics: RunMetrics | None = None
+) -> None:
     """The API and page (uvicorn), the nightly scheduler and its metrics, until Ctrl-C."""
     import uvicorn
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -108,7 +119,7 @@ def serve(settings: Settings, *, host: str, port: int) -> None:
     _check_port(
         host, settings.scheduler_metrics_port, "scheduler metrics (ENCORE_SCHEDULER_METRICS_PORT)"
     )
-    metrics = metrics_registry(settings)
+    metrics = metrics or metrics_registry(settings)
     server, thread = start_http_server(
         settings.scheduler_metrics_port, addr=host, registry=metrics.registry
     )
