@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import chi2_contingency
 
 EPSILON = 1e-6  # keeps PSI finite when a bucket is empty on one side
 
@@ -43,5 +42,9 @@ def compare_runs(
     table = table[:, table.sum(axis=0) > 0]
     pvalue = None
     if table.shape[1] >= 2 and (table.sum(axis=1) > 0).all():
+        # scipy.stats takes a second to import: only the run's end needs it, not every
+        # spawned worker that re-imports the parent's main module.
+        from scipy.stats import chi2_contingency
+
         pvalue = float(chi2_contingency(table).pvalue)
     return Drift(max(decile_psi, cold_psi), decile_psi, cold_psi, pvalue)
