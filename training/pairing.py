@@ -9,12 +9,8 @@ never one Python object per pair.
 from __future__ import annotations
 
 import logging
-import math
-import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from training.ann import ann_neighbours, worker_threads
 from training.matrix import popularity, row_normalize
 
 logger = logging.getLogger("encore.pairing")
@@ -31,14 +28,6 @@ Progress = Callable[[int, int], None]
 # slower than building an approximate index.
 EXACT_WORK_LIMIT = 4e9
 BLOCK_CELLS = 1 << 25  # dense cells per block: 128 MiB of float32
-# Approximate search (see ann_neighbours): lists per sqrt(users), lists probed per user,
-# k-means iterations, users per search batch, score cells per product (~1 MiB, in L2).
-ANN_LISTS_PER_ROOT = 2.0
-ANN_PROBES = 12
-ANN_KMEANS_ITERATIONS = 10
-ANN_SEED = 1234
-ANN_QUERY_BATCH = 32768
-ANN_CELLS = 1 << 18
 PAIRING_FILES = ("indptr", "items", "support", "neighbours")
 
 
@@ -128,204 +117,6 @@ def exact_neighbours(
     return np.where(keep, idx, -1), np.where(keep, sim, 0.0).astype(np.float32)
 
 
-def ann_neighbours(user_factors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k neighbours by cosine over low-rank factors: an inverted file searched by GEMM.
-
-    faiss's spherical k-means splits users into lists and finds each user's ``ANN_PROBES``
-    nearest lists, as its IVF index would; but instead of scanning lists query by query
-    (~80 ns per user pair on a 2-core machine), the users probing a list are scored against it
-    in one matrix product and only scores that can still make a top-k are kept (~10 ns).
-    """
-    import faiss
-
-    factors = np.ascontiguousarray(user_factors, dtype=np.float32)
-    n, dim = factors.shape
-    idx = np.full((n, k), -1, dtype=np.int64)
-    sim = np.zeros((n, k), dtype=np.float32)
-    if n < 2 or k == 0:
-        return idx, sim
-    # ~2 sqrt(n) lists balance k-means and probing against the list scans; faiss wants ~39
-    # training points per list, and 64 are plenty.
-    lists = max(1, min(int(ANN_LISTS_PER_ROOT * math.sqrt(n)), n // 39))
-    clock = time.perf_counter()
-    if lists > 1:
-        rng = np.random.default_rng(ANN_SEED)
-        sample = factors[np.sort(rng.choice(n, size=min(n, 64 * lists), replace=False))]
-        faiss.normalize_L2(sample)
-        kmeans = faiss.Kmeans(
-            dim, lists, niter=ANN_KMEANS_ITERATIONS, seed=ANN_SEED, spherical=True, verbose=False
-        )
-        kmeans.train(sample)
-        # A user's norm does not change which centroids are nearest: no normalized copy yet.
-        _, probes = kmeans.index.search(factors, min(lists, ANN_PROBES))
-    else:
-        probes = np.zeros((n, 1), dtype=np.int64)
-    logger.debug("ann: %d lists and probes in %.1fs", lists, time.perf_counter() - clock)
-    # Users sorted by their own (nearest) list: each list is a contiguous slice, and a batch
-    # of consecutive users shares most of its probes.
-    order = np.argsort(probes[:, 0], kind="stable")
-    starts = np.r_[0, np.cumsum(np.bincount(probes[:, 0], minlength=lists))]
-    ordered = factors[order]
-    faiss.normalize_L2(ordered)
-    search = _ProbeSearch(torch.from_numpy(ordered), probes[order], starts, k)
-    del probes
-    clock = time.perf_counter()
-    workers = _threads()
-    with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-        for first, (found, scores) in zip(
-            range(0, n, ANN_QUERY_BATCH),
-            pool.map(search, range(0, n, ANN_QUERY_BATCH)),
-            strict=True,
-        ):
-            users = order[first : first + len(found)]
-            valid = (found >= 0) & (scores > 0)
-            idx[users] = np.where(valid, order[np.maximum(found, 0)], -1)
-            sim[users] = np.where(valid, scores, 0.0)
-    logger.debug("ann: search in %.1fs", time.perf_counter() - clock)
-    return idx, sim
-
-
-@dataclass(frozen=True)
-class _ProbeSearch:
-    """Top-``width`` of one batch of (list-ordered) users over the lists they probe.
-
-    Selecting from every score costs more than computing it (``torch.topk`` ~8-25 ns per
-    element against ~3 for the product), so selection is deferred: a lower bound on each
-    user's ``width``-th best score comes from its own list (the ``width``-th largest of
-    chunk maxima: each maximum is a distinct score), only scores above it survive a compare,
-    and the survivors are ranked by one sort of packed int64 keys.
-    """
-
-    ordered: torch.Tensor  # normalized vectors, grouped by list
-    probes: np.ndarray  # lists probed per row of ``ordered``, its own list first
-    starts: np.ndarray  # first row of each list
-    width: int
-
-    def __call__(self, first: int) -> tuple[np.ndarray, np.ndarray]:
-        last = min(len(self.ordered), first + ANN_QUERY_BATCH)
-        n_rows = last - first
-        queries = self.ordered[first:last]
-        pack = _ScoreKeys.plan(len(self.ordered))
-        floor = np.full(n_rows, -np.inf, dtype=np.float32)
-        best = np.zeros(0, dtype=np.int64)
-        # The own list, the second nearest, then the rest at once: floors rise early (the
-        # second list still holds many better scores) without splitting the rest into many
-        # small products.
-        n_probes = self.probes.shape[1]
-        for lo_p, hi_p in ((0, 1), (1, 2), (2, n_probes)):
-            lists = self.probes[first:last, lo_p:hi_p].ravel()
-            if len(lists) == 0:
-                break
-            by_list = np.argsort(lists, kind="stable")
-            keys = [best]
-            for group in np.split(by_list, np.flatnonzero(np.diff(lists[by_list])) + 1):
-                lo, hi = int(self.starts[lists[group[0]]]), int(self.starts[lists[group[0]] + 1])
-                for a, b in _chunks(0, len(group), hi - lo):
-                    rows = group[a:b] // (hi_p - lo_p)
-                    scores = queries[torch.from_numpy(rows)] @ self.ordered[lo:hi].T
-                    if lo_p == 0:  # one more: the user itself is among these scores
-                        floor[rows] = _score_floor(scores, self.width + 1)
-                    keys.append(pack.survivors(rows, first, lo, scores.numpy(), floor[rows]))
-            best = pack.first(np.sort(np.concatenate(keys)), n_rows, self.width)
-            floor = pack.floor(best, n_rows, self.width)
-        return pack.top(best, n_rows, self.width)
-
-
-@dataclass(frozen=True)
-class _ScoreKeys:
-    """(batch row, score, position) packed in an int64 that sorts rows, then best first."""
-
-    position_bits: int
-    score_bits: int
-
-    @classmethod
-    def plan(cls, n: int) -> _ScoreKeys:
-        position_bits = max(1, (n - 1).bit_length())
-        return cls(position_bits, 63 - position_bits - (ANN_QUERY_BATCH - 1).bit_length())
-
-    @property
-    def scale(self) -> float:
-        # Scores in [-1, 1] to levels 0..2 scale; an integer scale decodes 0 and 1 exactly.
-        return float((1 << (self.score_bits - 1)) - 1)
-
-    @property
-    def row_shift(self) -> int:
-        return self.position_bits + self.score_bits
-
-    def survivors(
-        self, rows: np.ndarray, first: int, lo: int, scores: np.ndarray, floor: np.ndarray
-    ) -> np.ndarray:
-        """Keys of the ``scores`` at or above their row's ``floor``, but each user's own.
-
-        Row ``i`` scores batch row ``rows[i]`` (user ``first + rows[i]``); column ``j`` is
-        user ``lo + j``.
-        """
-        # numpy's compare and flatnonzero are ~4x cheaper here than torch's nonzero.
-        hits = np.flatnonzero(scores >= floor[:, None])
-        row, col = np.divmod(hits, scores.shape[1])
-        other = rows[row] + first != col + lo
-        hits, row, col = hits[other], row[other], col[other]
-        level = np.rint(np.clip(1.0 - scores.ravel()[hits].astype(np.float64), 0, 2) * self.scale)
-        return (
-            (rows[row].astype(np.int64) << self.row_shift)
-            | (level.astype(np.int64) << self.position_bits)
-            | (col + lo)
-        )
-
-    def first(self, keys: np.ndarray, n_rows: int, width: int) -> np.ndarray:
-        """The first ``width`` of every row's sorted keys."""
-        row = keys >> self.row_shift
-        return keys[np.arange(len(keys)) - np.searchsorted(row, np.arange(n_rows))[row] < width]
-
-    def floor(self, keys: np.ndarray, n_rows: int, width: int) -> np.ndarray:
-        """Per row of ``first``'s output, at most its ``width``-th best score (-inf with fewer)."""
-        counts = np.bincount(keys >> self.row_shift, minlength=n_rows)
-        floor = np.full(n_rows, -np.inf, dtype=np.float32)
-        full = counts == width
-        last = keys[(np.cumsum(counts) - 1)[full]]
-        level = (last >> self.position_bits) & ((1 << self.score_bits) - 1)
-        floor[full] = 1.0 - (level + 1) / self.scale  # levels are rounded to the nearest
-        return floor
-
-    def top(self, keys: np.ndarray, n_rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted keys, at most ``width`` per row, as (positions, scores) padded to width."""
-        row = keys >> self.row_shift
-        rank = np.arange(len(keys)) - np.searchsorted(row, np.arange(n_rows))[row]
-        positions = np.full((n_rows, width), -1, dtype=np.int64)
-        scores = np.zeros((n_rows, width), dtype=np.float32)
-        positions[row, rank] = keys & ((1 << self.position_bits) - 1)
-        level = (keys >> self.position_bits) & ((1 << self.score_bits) - 1)
-        scores[row, rank] = 1.0 - level / self.scale
-        return positions, scores
-
-
-def _chunks(lo: int, hi: int, columns: int) -> list[tuple[int, int]]:
-    step = max(1, ANN_CELLS // max(columns, 1))  # keeps each score block in cache
-    return [(a, min(hi, a + step)) for a in range(lo, hi, step)]
-
-
-def _score_floor(scores: torch.Tensor, width: int) -> np.ndarray:
-    """Per row, a value at most its ``width``-th largest score (-inf with fewer scores)."""
-    n_rows, n_cols = scores.shape
-    if n_cols < width:
-        return np.full(n_rows, -np.inf, dtype=np.float32)
-    chunk = max(1, n_cols // (4 * width))
-    maxima = scores[:, : (n_cols // chunk) * chunk].reshape(n_rows, -1, chunk).amax(dim=2)
-    return torch.topk(maxima, width, dim=1, sorted=False).values.amin(dim=1).numpy()
-
-
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    # Many small products run side by side on a thread pool; torch's own intra-op threads
-    # would only fight them (and make the results depend on the core count).
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def candidates_from_neighbours(
     matrix: sp.csr_matrix,
     nbr_idx: np.ndarray,
@@ -363,7 +154,7 @@ def candidates_from_neighbours(
         return lengths, head[ranks].astype(np.int32), support, count.astype(np.uint16)
 
     # scipy's sparse product and numpy's sort release the GIL, so blocks run side by side.
-    with ThreadPoolExecutor(max_workers=_threads()) as pool:
+    with ThreadPoolExecutor(max_workers=worker_threads()) as pool:
         parts = list(pool.map(block, range(0, n_users, code.block)))
     if not parts:
         empty = np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.uint16)
@@ -374,11 +165,6 @@ def candidates_from_neighbours(
         parts = [(*part[:field], None, *part[field + 1 :]) for part in parts]
     indptr = np.r_[0, np.cumsum(fields[0])].astype(np.int64)
     return Pairings(indptr, *fields[1:])
-
-
-def _threads() -> int:
-    """Worker threads for the pairing: the torch setting, which the caller may have lowered."""
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
