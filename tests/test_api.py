@@ -31,7 +31,7 @@ from encore.database import RunRecord, open_database
 from encore.online import RunInfo, open_online_store
 from encore.settings import Settings, get_settings
 from model_server.app import create_app
-from tests.conftest import DATABASE_URL, REDIS_URL, _unavailable
+from tests.conftest import REDIS_URL, fresh_database, redis_prefix
 from tests.support import publish_random_run
 
 BACKENDS = [
@@ -108,44 +108,6 @@ class Backend:
 
 
 @contextmanager
-def real_redis() -> Iterator[tuple[str, str]]:
-    """Like conftest's ``redis_url`` (a key prefix of its own), for a whole module."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        _unavailable(f"Redis at {REDIS_URL}", exc)
-    prefix = f"encore-test-{uuid.uuid4().hex[:12]}"
-    try:
-        yield REDIS_URL, prefix
-    finally:
-        for key in client.scan_iter(f"{prefix}:*", count=1000):
-            client.unlink(key)
-        client.close()
-
-
-@contextmanager
-def real_postgres() -> Iterator[str]:
-    """Like conftest's ``database_url`` (a fresh database, dropped after), for a whole module."""
-    import psycopg
-
-    name = f"encore_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(DATABASE_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        _unavailable(f"Postgres at {DATABASE_URL}", exc)
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield psycopg.conninfo.make_conninfo(DATABASE_URL, dbname=name)
-    finally:
-        with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextmanager
 def published_backend(kind: str, home: Path) -> Iterator[Backend]:
     """A backend of ``kind`` with the random bundle's run published (2 scoring processes)."""
     with _stores(kind) as (redis_url, prefix, database_url):
@@ -172,8 +134,8 @@ def _stores(kind: str) -> Iterator[tuple[str | None, str, str | None]]:
     if kind == "sqlite":
         yield None, "encore", None
         return
-    with real_redis() as (redis_url, prefix), real_postgres() as database_url:
-        yield redis_url, prefix, database_url
+    with redis_prefix() as prefix, fresh_database() as database_url:
+        yield REDIS_URL, prefix, database_url
 
 
 def use_backend(monkeypatch: pytest.MonkeyPatch, backend: Backend, **env: str) -> None:
