@@ -109,13 +109,22 @@ def train(
     data = read_interactions(interactions, columns=_columns(columns), sep=_sep(sep))
     names = read_catalog(catalog) if catalog else None
     params = _train_params(
-        neighbours=neighbours, candidates=candidates, dim=dim, epochs=epochs,
-        pairing_method=pairing, seed=seed,
+        neighbours=neighbours,
+        candidates=candidates,
+        dim=dim,
+        epochs=epochs,
+        pairing_method=pairing,
+        seed=seed,
     )
     with stage_progress() as progress:
         bundle, evaluation = train_bundle(
-            data, settings.bundles_dir, params, catalog=names, run_evaluation=run_evaluation,
-            promote_bundle=promote_bundle, progress=progress,
+            data,
+            settings.bundles_dir,
+            params,
+            catalog=names,
+            run_evaluation=run_evaluation,
+            promote_bundle=promote_bundle,
+            progress=progress,
         )
     if evaluation:
         _print_evaluation(evaluation.as_dict())
@@ -161,10 +170,12 @@ def _print_evaluation(result: dict) -> None:
     table.add_column("method")
     table.add_column("recall@10", justify="right")
     table.add_column("NDCG@10", justify="right")
-    table.add_row("popularity", f"{result['popularity_recall@10']:.4f}",
-                  f"{result['popularity_ndcg@10']:.4f}")
-    table.add_row("encore (pairing + ranker)", f"{result['recall@10']:.4f}",
-                  f"{result['ndcg@10']:.4f}")
+    table.add_row(
+        "popularity", f"{result['popularity_recall@10']:.4f}", f"{result['popularity_ndcg@10']:.4f}"
+    )
+    table.add_row(
+        "encore (pairing + ranker)", f"{result['recall@10']:.4f}", f"{result['ndcg@10']:.4f}"
+    )
     console.print(table)
     console.print(
         f"{result['users_evaluated']:,} users evaluated, {result['held_out']:,} held-out rows, "
@@ -213,7 +224,5 @@ def main() -> None:
     except EncoreError as exc:
         # Escaped: a bad value such as "[bold]" is data, not markup. Not wrapped: the
         # "file, line N" message must stay one line to be read, grepped and copied.
-        console.print(
-            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-        )
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -105,9 +105,7 @@ def prepare(
     )
 
 
-def serve(
-    settings: Settings, *, host: str, port: int, metrics: RunMetrics | None = None
-) -> None:
+def serve(settings: Settings, *, host: str, port: int, metrics: RunMetrics | None = None) -> None:
     """The API and page (uvicorn), the nightly scheduler and its metrics, until Ctrl-C."""
     import uvicorn
     from apscheduler.schedulers.background import BackgroundScheduler

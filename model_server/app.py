@@ -65,7 +65,11 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     for router in (
-        recommendations.router, feedback.router, runs.router, model.router, health.router,
+        recommendations.router,
+        feedback.router,
+        runs.router,
+        model.router,
+        health.router,
     ):
         app.include_router(router)
     app.add_exception_handler(StoreUnavailable, _unavailable)

@@ -13,19 +13,23 @@ COLD_USERS = Counter(
     names.COLD_USERS.removesuffix("_total"), "Users asked for that the served run does not know."
 )
 STORE_READ_SECONDS = Histogram(
-    names.STORE_READ_SECONDS, "Online-store read latency.", ["operation"],
+    names.STORE_READ_SECONDS,
+    "Online-store read latency.",
+    ["operation"],
     buckets=names.LATENCY_BUCKETS,
 )
 FEEDBACK_EVENTS = Counter(
     names.FEEDBACK_EVENTS.removesuffix("_total"), "Feedback events, by outcome.", ["outcome"]
 )
 FEEDBACK_LIKES = Counter(
-    names.FEEDBACK_LIKES.removesuffix("_total"), "Likes stored, by model version.",
+    names.FEEDBACK_LIKES.removesuffix("_total"),
+    "Likes stored, by model version.",
     ["model_version"],
 )
 FEEDBACK_IMPRESSIONS = Counter(
     names.FEEDBACK_IMPRESSIONS.removesuffix("_total"),
-    "Playlists shown in stored feedback events, by model version.", ["model_version"],
+    "Playlists shown in stored feedback events, by model version.",
+    ["model_version"],
 )
 CURRENT_RUN_AGE = Gauge(names.CURRENT_RUN_AGE, "Age of the served run (since it was published).")
 SERVING_RUN = Info(names.SERVING_RUN, "The run and model version being served.")

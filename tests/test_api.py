@@ -222,7 +222,9 @@ def test_lists_in_the_order_asked_with_duplicates_and_fallbacks(api, backend):
             assert item == {"user_id": user, "playlist_ids": stored[user][:10], "source": "batch"}
         else:  # cold (no candidates) or unknown to the run: its fallback, never an error
             assert item == {
-                "user_id": user, "playlist_ids": backend.fallback[:10], "source": "fallback"
+                "user_id": user,
+                "playlist_ids": backend.fallback[:10],
+                "source": "fallback",
             }
     assert items[0] == items[4]  # the same user twice gets the same list twice
     assert len(backend.fallback) == TOP_N
@@ -419,7 +421,9 @@ def test_bodies_over_the_limit_are_413_also_when_chunked(backend, monkeypatch):
         # A chunked body within the limit is still read whole.
         small = api.send(
             api.build_request(
-                "POST", "/v1/recommendations", content=chunks(_padded_body(1500)),
+                "POST",
+                "/v1/recommendations",
+                content=chunks(_padded_body(1500)),
                 headers=json_type,
             )
         )
@@ -428,8 +432,11 @@ def test_bodies_over_the_limit_are_413_also_when_chunked(backend, monkeypatch):
 
         # A feedback event too big to be taken is not stored.
         event = {
-            "event_id": str(uuid.uuid4()), "user_id": 14, "run_id": backend.record.run_id,
-            "liked_playlist_id": 1, "shown_playlist_ids": list(range(1000)),
+            "event_id": str(uuid.uuid4()),
+            "user_id": 14,
+            "run_id": backend.record.run_id,
+            "liked_playlist_id": 1,
+            "shown_playlist_ids": list(range(1000)),
         }
         response = api.post("/v1/feedback", json=event)
         assert response.status_code == 413, response.text
@@ -575,9 +582,7 @@ def test_runs_need_the_right_bearer_token(backend, monkeypatch):
             {"kind": "backfill", "user_ids": [-1]},
             {"kind": "manual", "extra": 1},
         ):
-            response = api.post(
-                "/v1/runs", json=body, headers={"Authorization": "Bearer s3cret"}
-            )
+            response = api.post("/v1/runs", json=body, headers={"Authorization": "Bearer s3cret"})
             assert response.status_code == 422, (body, response.text)
             error_detail(response)
         assert api.app.state.serving.children == []
@@ -589,8 +594,11 @@ def test_runs_need_the_right_bearer_token(backend, monkeypatch):
 # --------------------------------------------------------------------------------------
 
 PAGE = "https://page.example"
-PREFLIGHT = {"Origin": PAGE, "Access-Control-Request-Method": "POST",
-             "Access-Control-Request-Headers": "content-type"}
+PREFLIGHT = {
+    "Origin": PAGE,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "content-type",
+}
 
 
 def test_cors_is_closed_by_default(backend, monkeypatch):
@@ -638,8 +646,11 @@ def test_metrics(backend, monkeypatch):
         assert api.post("/v1/recommendations", json={"user_ids": [14, 7, 5]}).status_code == 200
         assert api.get("/v1/recommendations/21").status_code == 200
         event = {
-            "event_id": str(uuid.uuid4()), "user_id": 14, "run_id": backend.record.run_id,
-            "liked_playlist_id": 3, "shown_playlist_ids": [1, 2, 3],
+            "event_id": str(uuid.uuid4()),
+            "user_id": 14,
+            "run_id": backend.record.run_id,
+            "liked_playlist_id": 3,
+            "shown_playlist_ids": [1, 2, 3],
         }
         assert api.post("/v1/feedback", json=event).status_code == 201
         assert api.post("/v1/feedback", json=event).status_code == 200
@@ -655,12 +666,20 @@ def test_metrics(backend, monkeypatch):
         return samples[(name, tuple(sorted(labels.items())))]
 
     # prometheus-fastapi-instrumentator's, by route template.
-    assert value("http_requests_total", handler="/v1/recommendations", method="POST",
-                 status="2xx") >= 1
-    assert value("http_requests_total", handler="/v1/recommendations/{user_id}", method="GET",
-                 status="2xx") >= 1
-    assert value("http_request_duration_seconds_count", handler="/v1/feedback",
-                 method="POST") >= 2
+    assert (
+        value("http_requests_total", handler="/v1/recommendations", method="POST", status="2xx")
+        >= 1
+    )
+    assert (
+        value(
+            "http_requests_total",
+            handler="/v1/recommendations/{user_id}",
+            method="GET",
+            status="2xx",
+        )
+        >= 1
+    )
+    assert value("http_request_duration_seconds_count", handler="/v1/feedback", method="POST") >= 2
     assert not any(labels and dict(labels).get("handler") == "/metrics" for _, labels in samples)
     # Encore's own: users served by source (as this process counted them), store reads,
     # feedback outcomes, the run being served.
@@ -669,17 +688,20 @@ def test_metrics(backend, monkeypatch):
     assert value("encore_cold_users_total") >= 2
     reads = value("encore_store_read_seconds_count", operation="recommendations")
     assert reads >= 2
-    assert value("encore_store_read_seconds_bucket", operation="recommendations",
-                 le="+Inf") == reads
-    assert value("encore_store_read_seconds_bucket", operation="recommendations",
-                 le="0.0001") <= reads
+    assert (
+        value("encore_store_read_seconds_bucket", operation="recommendations", le="+Inf") == reads
+    )
+    assert (
+        value("encore_store_read_seconds_bucket", operation="recommendations", le="0.0001") <= reads
+    )
     for outcome in ("stored", "duplicate", "failed"):
         assert ("encore_feedback_events_total", (("outcome", outcome),)) in samples
     assert value("encore_feedback_events_total", outcome="stored") >= 1
     assert value("encore_feedback_events_total", outcome="duplicate") >= 1
     assert value("encore_feedback_likes_total", model_version=VERSION) >= 1
-    assert value("encore_serving_run_info", run_id=backend.record.run_id,
-                 model_version=VERSION) == 1
+    assert (
+        value("encore_serving_run_info", run_id=backend.record.run_id, model_version=VERSION) == 1
+    )
     assert value("encore_current_run_age_seconds") >= 0
 
 
@@ -757,8 +779,11 @@ def test_feedback_is_stored_while_the_online_store_is_down(monkeypatch):
         db.upgrade()
         db.create_run(RunRecord("run-1", "manual", "published", model_version=VERSION))
     event = {
-        "event_id": str(uuid.uuid4()), "user_id": 14, "run_id": "run-1",
-        "liked_playlist_id": 3, "shown_playlist_ids": [3],
+        "event_id": str(uuid.uuid4()),
+        "user_id": 14,
+        "run_id": "run-1",
+        "liked_playlist_id": 3,
+        "shown_playlist_ids": [3],
     }
     with TestClient(create_app()) as api:
         response = api.post("/v1/feedback", json=event)

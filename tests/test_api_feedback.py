@@ -88,7 +88,9 @@ def test_an_event_is_stored_with_its_model_version_and_time(api, backend):
     answered_at = datetime.now(UTC)
     assert response.status_code == 201, response.text
     assert response.json() == {
-        "event_id": event["event_id"], "status": "stored", "model_version": VERSION
+        "event_id": event["event_id"],
+        "status": "stored",
+        "model_version": VERSION,
     }
     # Durable before the answer: the row is there, read with the database's own client.
     row = backend.feedback_rows()[event["event_id"]]
@@ -110,8 +112,15 @@ def test_an_event_is_stored_with_its_model_version_and_time(api, backend):
 
 def test_the_model_version_comes_from_the_run_the_event_names(api, backend):
     with open_database(backend.settings) as db:
-        db.create_run(RunRecord("older-run", "manual", "published", model_version="old-v0",
-                                created_at=datetime.now(UTC)))
+        db.create_run(
+            RunRecord(
+                "older-run",
+                "manual",
+                "published",
+                model_version="old-v0",
+                created_at=datetime.now(UTC),
+            )
+        )
     older = new_event(backend, run_id="older-run", shown_playlist_ids=[])
     unknown = new_event(backend, run_id="no-such-run")
     assert api.post("/v1/feedback", json=older).json()["model_version"] == "old-v0"
@@ -137,7 +146,9 @@ def test_the_same_event_again_is_200_and_stored_once(api, backend):
         response = api.post("/v1/feedback", json=retry)
         assert response.status_code == 200, (retry, response.text)
         assert response.json() == {
-            "event_id": event["event_id"], "status": "duplicate", "model_version": VERSION
+            "event_id": event["event_id"],
+            "status": "duplicate",
+            "model_version": VERSION,
         }
     assert backend.feedback_rows()[event["event_id"]] == stored  # not rewritten
     assert increase(before) == {"stored": 0, "duplicate": len(retries), "failed": 0}
@@ -343,7 +354,10 @@ def test_feedback_is_503_and_never_2xx_while_the_database_is_down(api, backend):
 
 def _insert_old_event(backend: Backend, event: dict[str, Any], created_at: datetime) -> None:
     values = (
-        event["event_id"], event["user_id"], event["run_id"], "old-v0",
+        event["event_id"],
+        event["user_id"],
+        event["run_id"],
+        "old-v0",
         event["liked_playlist_id"],
     )
     if backend.settings.database_url:

@@ -46,8 +46,14 @@ def fresh(request: pytest.FixtureRequest, tmp_path, monkeypatch):
         with open_database(settings) as db:
             db.upgrade()
     build_random_bundle(
-        settings.bundles_dir, users=300, playlists=120, candidates=20, dim=16, cold_every=10,
-        version=VERSION, names=True,
+        settings.bundles_dir,
+        users=300,
+        playlists=120,
+        candidates=20,
+        dim=16,
+        cold_every=10,
+        version=VERSION,
+        names=True,
     )
     return settings
 
@@ -144,9 +150,7 @@ def test_from_no_run_to_runs_started_through_the_api(fresh, launched):
             (kept,) = store.read(second_id, [14])
             store.delete_users(second_id, [14])
         assert _served(api, [14])["recommendations"][0]["source"] == "fallback"
-        backfill_id = _start(
-            api, launched, {"kind": "backfill", "user_ids": [14, 7, 123_456_789]}
-        )
+        backfill_id = _start(api, launched, {"kind": "backfill", "user_ids": [14, 7, 123_456_789]})
         backfill = _wait_until_finished(api, settings, backfill_id)
         assert backfill["kind"] == "backfill" and backfill["target_run_id"] == second_id
         # 14 and 7 are the model's (7 has no candidates), 123456789 is not.
@@ -155,7 +159,9 @@ def test_from_no_run_to_runs_started_through_the_api(fresh, launched):
         served = _served(api, [14, 7, 21])
         assert served["run_id"] == second_id  # a backfill does not flip the served run
         assert served["recommendations"][0] == {
-            "user_id": 14, "playlist_ids": json.loads(kept)[:10], "source": "batch"
+            "user_id": 14,
+            "playlist_ids": json.loads(kept)[:10],
+            "source": "batch",
         }
         assert served["recommendations"][1]["source"] == "fallback"
         assert served["recommendations"][2]["source"] == "batch"

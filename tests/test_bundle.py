@@ -46,7 +46,10 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(training.train, "fit", spy)
         bundle, evaluation = training.train.train_bundle(
-            interactions, root / "bundles", PARAMS, catalog=read_catalog(data.catalog),
+            interactions,
+            root / "bundles",
+            PARAMS,
+            catalog=read_catalog(data.catalog),
             run_evaluation=False,
         )
     assert evaluation is None
@@ -65,8 +68,14 @@ def bundles_dir(trained, tmp_path):
 
 def test_layout_and_metadata(trained):
     bundle, _, interactions = trained
-    for name in ("metadata.json", "weights.pt", "user_ids.npy", "playlist_ids.npy",
-                 "popularity.npy", "catalog.parquet"):
+    for name in (
+        "metadata.json",
+        "weights.pt",
+        "user_ids.npy",
+        "playlist_ids.npy",
+        "popularity.npy",
+        "catalog.parquet",
+    ):
         assert (bundle.path / name).is_file(), name
     metadata = json.loads((bundle.path / "metadata.json").read_text())
     assert metadata["version"] == bundle.version == bundle.path.name
@@ -137,8 +146,9 @@ def test_list_promote_and_open(trained, bundles_dir):
     bundle, _, _ = trained
     assert promoted_version(bundles_dir) == bundle.version  # train_bundle promotes by default
     assert promoted_bundle(bundles_dir).version == bundle.version
-    later = new_version(bundle.metadata["data_fingerprint"],
-                        now=datetime.now().astimezone() + timedelta(days=1))
+    later = new_version(
+        bundle.metadata["data_fingerprint"], now=datetime.now().astimezone() + timedelta(days=1)
+    )
 
     def copy_contents(directory):
         for item in bundle.path.iterdir():
@@ -146,8 +156,9 @@ def test_list_promote_and_open(trained, bundles_dir):
                 copy = shutil.copytree if item.is_dir() else shutil.copy2
                 copy(item, directory / item.name)
 
-    second = write_bundle(bundles_dir, version=later, metadata={"note": "copy"},
-                          write_contents=copy_contents)
+    second = write_bundle(
+        bundles_dir, version=later, metadata={"note": "copy"}, write_contents=copy_contents
+    )
     # A half-written (staging) directory and a directory without metadata are not bundles.
     (bundles_dir / f".{later}.tmp123").mkdir()
     (bundles_dir / "stray").mkdir()
@@ -173,8 +184,9 @@ def test_missing_and_incomplete_bundles_are_refused(trained, bundles_dir):
         open_bundle(bundles_dir, bundle.version)
     assert list_bundles(bundles_dir) == []
     with pytest.raises(BundleError, match="already exists"):
-        write_bundle(bundles_dir, version=bundle.version, metadata={},
-                     write_contents=lambda directory: None)
+        write_bundle(
+            bundles_dir, version=bundle.version, metadata={}, write_contents=lambda directory: None
+        )
 
 
 def test_nothing_promoted_is_a_bundle_error(tmp_path):

@@ -179,9 +179,18 @@ def _check_jsonschema(*paths: Path) -> subprocess.CompletedProcess[str]:
     if importlib.util.find_spec("check_jsonschema") is None:
         _tool_missing("check-jsonschema", "the module check_jsonschema is not installed")
     return subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
-         *map(str, paths)],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -210,8 +219,14 @@ def test_the_schema_check_catches_mistakes(tmp_path: Path) -> None:
 
 def test_the_stack_has_its_services(services: dict[str, Any]) -> None:
     assert set(services) == {
-        "redis", "postgres", "migrate", "trainer", "scheduler", "model_server",
-        "prometheus", "grafana",
+        "redis",
+        "postgres",
+        "migrate",
+        "trainer",
+        "scheduler",
+        "model_server",
+        "prometheus",
+        "grafana",
     }
     assert services["redis"]["image"].startswith("redis:7")
     assert services["postgres"]["image"].startswith("postgres:16")
@@ -247,7 +262,10 @@ def test_start_order(services: dict[str, Any]) -> None:
     assert waits_for("trainer")["migrate"] == done
     for name in ("scheduler", "model_server"):
         assert waits_for(name) == {
-            "trainer": done, "migrate": done, "postgres": healthy, "redis": healthy,
+            "trainer": done,
+            "migrate": done,
+            "postgres": healthy,
+            "redis": healthy,
         }, name
     # No cycles: a topological order exists.
     remaining = {name: set(waits_for(name)) for name in services}
@@ -328,7 +346,10 @@ def test_bind_mounts_exist_in_the_repository(services: dict[str, Any]) -> None:
 def test_monitoring_targets_are_compose_services(services: dict[str, Any]) -> None:
     """prometheus.yml scrapes, and Grafana's data source queries, ports the stack has."""
     listening = {
-        ("model_server", 8000), ("scheduler", 9101), ("prometheus", 9090), ("localhost", 9090),
+        ("model_server", 8000),
+        ("scheduler", 9101),
+        ("prometheus", 9090),
+        ("localhost", 9090),
     }
     assert services["model_server"]["command"][-1] == "8000"
     assert services["scheduler"]["expose"] == ["9101"]
@@ -370,9 +391,7 @@ def test_encore_services_share_one_image_and_the_settings(services: dict[str, An
         ), name
         assert env["ENCORE_ADMIN_TOKEN"].startswith("${ENCORE_ADMIN_TOKEN"), name
     for name in ("trainer", "scheduler", "model_server"):
-        targets = {
-            m["target"]: m.get("source") for m in _volume_mounts(services[name])
-        }
+        targets = {m["target"]: m.get("source") for m in _volume_mounts(services[name])}
         assert targets.get("/data") == "encore-data", f"{name} does not share encore-data"
 
 
@@ -402,7 +421,12 @@ def test_service_commands(services: dict[str, Any]) -> None:
     assert services["migrate"]["command"] == ["encore", "db", "upgrade"]
     assert services["scheduler"]["command"] == ["encore", "scheduler"]
     assert services["model_server"]["command"] == [
-        "encore", "serve", "--host", "0.0.0.0", "--port", "8000",
+        "encore",
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
     ]
     command = services["trainer"]["command"]
     assert command[:2] == ["/bin/sh", "-euc"]
@@ -451,8 +475,9 @@ def run_trainer(services: dict[str, Any], tmp_path: Path):
         env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
         calls = home / "calls.jsonl"
         calls.unlink(missing_ok=True)
-        result = subprocess.run(shell, env=env, capture_output=True, text=True, timeout=60,
-                                check=False)
+        result = subprocess.run(
+            shell, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
         logged = calls.read_text().splitlines() if calls.exists() else []
         return result.returncode, [json.loads(line) for line in logged]
 
@@ -463,8 +488,9 @@ def run_trainer(services: dict[str, Any], tmp_path: Path):
 def test_trainer_script_is_valid_shell(services: dict[str, Any]) -> None:
     command = services["trainer"]["command"]
     script = command[2].replace("$$", "$")
-    result = subprocess.run(["/bin/sh", "-n", "-c", script], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        ["/bin/sh", "-n", "-c", script], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -475,8 +501,13 @@ def test_trainer_generates_trains_and_publishes_by_default(run_trainer) -> None:
     generated = f"{home}/generated"
     assert calls == [
         ["generate", "--users", "20000", "--playlists", "5000", "--out", generated],
-        ["train", "--interactions", f"{generated}/interactions.parquet",
-         "--catalog", f"{generated}/catalog.parquet"],
+        [
+            "train",
+            "--interactions",
+            f"{generated}/interactions.parquet",
+            "--catalog",
+            f"{generated}/catalog.parquet",
+        ],
         ["run"],
     ]
     # Next `docker compose up`: a promoted model exists, nothing to do.
@@ -487,8 +518,9 @@ def test_trainer_generates_trains_and_publishes_by_default(run_trainer) -> None:
 
 
 def test_trainer_trains_on_mounted_data(run_trainer) -> None:
-    code, calls = run_trainer(TRAIN_INTERACTIONS="/input/my plays.csv",
-                              TRAIN_CATALOG="/input/play lists.csv")
+    code, calls = run_trainer(
+        TRAIN_INTERACTIONS="/input/my plays.csv", TRAIN_CATALOG="/input/play lists.csv"
+    )
     assert code == 0
     assert calls == [
         ["train", "--interactions", "/input/my plays.csv", "--catalog", "/input/play lists.csv"],
@@ -549,7 +581,10 @@ def _hadolint() -> str:
 def test_dockerfile_passes_hadolint() -> None:
     result = subprocess.run(
         [_hadolint(), "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -559,7 +594,10 @@ def test_hadolint_catches_mistakes(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install torch\nUSER root\n", encoding="utf-8")
     result = subprocess.run(
-        [_hadolint(), "--no-color", str(bad)], capture_output=True, text=True, timeout=120,
+        [_hadolint(), "--no-color", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
         check=False,
     )
     assert result.returncode != 0
@@ -636,8 +674,10 @@ def test_dockerfile_is_a_multi_stage_uv_build(instructions: list[Any]) -> None:
 
     deps, project = _runs(builder, "uv sync")
     assert "--locked --no-dev --no-install-project" in deps.value[0]
-    assert {"--mount=type=bind,source=uv.lock,target=uv.lock",
-            "--mount=type=bind,source=pyproject.toml,target=pyproject.toml"} <= set(deps.flags)
+    assert {
+        "--mount=type=bind,source=uv.lock,target=uv.lock",
+        "--mount=type=bind,source=pyproject.toml,target=pyproject.toml",
+    } <= set(deps.flags)
     assert "--no-install-project" not in project.value[0]
     assert "--locked" in project.value[0] and "--no-dev" in project.value[0]
     for run in _runs(builder, "uv "):
@@ -758,6 +798,12 @@ def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest() -> None:
     needed += [f"{package}/__init__.py" for package in packages]
     for path in needed:
         assert not _ignored(path, patterns), f".dockerignore drops {path}, which the build needs"
-    for path in (".venv/bin/python", ".git/HEAD", ".encore/online.sqlite3", ".env",
-                 "encore/__pycache__/cli.cpython-311.pyc", "tests/conftest.py"):
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        ".encore/online.sqlite3",
+        ".env",
+        "encore/__pycache__/cli.cpython-311.pyc",
+        "tests/conftest.py",
+    ):
         assert _ignored(path, patterns), f".dockerignore lets {path} into the build context"

@@ -154,7 +154,8 @@ def test_header_less_columns_must_be_known(tmp_path):
 
 def test_crlf_and_bom(tmp_path):
     path = write(
-        tmp_path, "interactions.csv",
+        tmp_path,
+        "interactions.csv",
         b"\xef\xbb\xbfuser_id,playlist_id,weight\r\n1,10,3\r\n2,20,1.5\r\n",
     )
     data = read_interactions(path)
@@ -238,13 +239,17 @@ PARQUET_BAD = [
     (
         "zero weight",
         {"user_id": [1, 2, 3], "playlist_id": [1, 2, 3], "weight": [1.0, 1.0, 0.0]},
-        3, "weight", 0.0,
+        3,
+        "weight",
+        0.0,
     ),
     ("text id", {"user_id": ["1", "2", "x"], "playlist_id": [1, 2, 3]}, 3, "user_id", "x"),
     (
         "uint64 id over int64",
         {"user_id": pa.array([1, 2**64 - 1, 3], pa.uint64()), "playlist_id": [1, 2, 3]},
-        2, "user_id", 2**64 - 1,
+        2,
+        "user_id",
+        2**64 - 1,
     ),
     ("missing id", {"user_id": [1, None, 3], "playlist_id": [1, 2, 3]}, 2, "user_id", None),
 ]
@@ -300,20 +305,26 @@ def test_lastfm_user_artists_loads_as_it_is(lastfm):
 
 def test_catalog_names_with_quotes_ampersands_and_any_script(tmp_path):
     path = write(
-        tmp_path, "catalog.csv",
+        tmp_path,
+        "catalog.csv",
         'playlist_id,name\n1,"""Quoted"" Picks"\n2,Rock & Roll\n3,東京 Nights\n'
         '4,"Comma, Inc."\n5,Ελληνικά\n6,<script>alert(1)</script>\n'.encode(),
     )
     names = dict(read_catalog(path).itertuples(index=False))
     assert names == {
-        1: '"Quoted" Picks', 2: "Rock & Roll", 3: "東京 Nights", 4: "Comma, Inc.",
-        5: "Ελληνικά", 6: "<script>alert(1)</script>",
+        1: '"Quoted" Picks',
+        2: "Rock & Roll",
+        3: "東京 Nights",
+        4: "Comma, Inc.",
+        5: "Ελληνικά",
+        6: "<script>alert(1)</script>",
     }
 
 
 def test_tsv_catalog_keeps_quotes_verbatim(tmp_path):
     path = write(
-        tmp_path, "catalog.tsv",
+        tmp_path,
+        "catalog.tsv",
         'id\tname\n1\t"Weird Al" Yankovic\n2\tHabib Koité & Bamada\n3\t宇多田ヒカル\n'.encode(),
     )
     names = dict(read_catalog(path).itertuples(index=False))

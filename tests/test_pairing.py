@@ -43,7 +43,9 @@ def hand_matrix():
 def candidates(pairs: Pairings, user: int) -> tuple[list, list, list]:
     span = slice(pairs.indptr[user], pairs.indptr[user + 1])
     return (
-        pairs.items[span].tolist(), pairs.support[span].tolist(), pairs.neighbours[span].tolist()
+        pairs.items[span].tolist(),
+        pairs.support[span].tolist(),
+        pairs.neighbours[span].tolist(),
     )
 
 
@@ -59,8 +61,7 @@ def test_exact_neighbours_pads_when_k_exceeds_the_overlapping_users():
     assert idx.shape == sim.shape == (6, 7)
     # u0 overlaps u1, u4, u2 and u3 ({4}: 1/sqrt(15) = .258); nobody else.
     assert idx[0].tolist() == [1, 4, 2, 3, -1, -1, -1]
-    np.testing.assert_allclose(sim[0], [S01, S04, 1 / sqrt(12), 1 / sqrt(15), 0, 0, 0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(sim[0], [S01, S04, 1 / sqrt(12), 1 / sqrt(15), 0, 0, 0], rtol=1e-6)
     assert (idx[5] == -1).all() and (sim[5] == 0).all()
 
 
@@ -160,8 +161,9 @@ def generated_matrix(tmp_path_factory):
     from training.ingest import read_interactions
     from training.synthetic import SyntheticSpec, generate
 
-    data = generate(SyntheticSpec(users=3000, playlists=600, seed=0),
-                    tmp_path_factory.mktemp("pairing"))
+    data = generate(
+        SyntheticSpec(users=3000, playlists=600, seed=0), tmp_path_factory.mktemp("pairing")
+    )
     interactions = read_interactions(data.interactions)
     users, user_codes = encode(interactions.user_ids)
     items, item_codes = encode(interactions.playlist_ids)

@@ -59,8 +59,10 @@ def test_holdout_mask_matches_the_plain_reading_on_many_sizes():
     held = holdout_mask(np.array(users))
     assert set(np.flatnonzero(held).tolist()) == reference_holdout(users)
     per_user = {u: int(held[np.array(users) == u].sum()) for u in set(users)}
-    assert per_user == {u: (n // 5 if n >= 5 else 0) for u, n in zip(
-        np.arange(len(sizes)) * 11 + 5, sizes, strict=True)}
+    assert per_user == {
+        u: (n // 5 if n >= 5 else 0)
+        for u, n in zip(np.arange(len(sizes)) * 11 + 5, sizes, strict=True)
+    }
 
 
 def test_holdout_mask_other_seed_differs():

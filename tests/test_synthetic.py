@@ -25,10 +25,12 @@ def generated(tmp_path_factory):
 
 def test_same_seed_same_content_other_seed_other_content(generated, tmp_path):
     data, _ = generated
-    again = generate(SyntheticSpec(users=USERS, playlists=PLAYLISTS, seed=0, chunk_users=700),
-                     tmp_path / "again")
-    other = generate(SyntheticSpec(users=USERS, playlists=PLAYLISTS, seed=1, chunk_users=700),
-                     tmp_path / "other")
+    again = generate(
+        SyntheticSpec(users=USERS, playlists=PLAYLISTS, seed=0, chunk_users=700), tmp_path / "again"
+    )
+    other = generate(
+        SyntheticSpec(users=USERS, playlists=PLAYLISTS, seed=1, chunk_users=700), tmp_path / "other"
+    )
     first = pq.read_table(data.interactions)
     assert first.equals(pq.read_table(again.interactions))
     assert pq.read_table(data.catalog).equals(pq.read_table(again.catalog))

@@ -22,8 +22,9 @@ PARAMS = TrainParams(dim=32, epochs=4, seed=0)
 
 @pytest.fixture(scope="module")
 def interactions(tmp_path_factory):
-    data = generate(SyntheticSpec(users=3000, playlists=600, seed=0),
-                    tmp_path_factory.mktemp("training"))
+    data = generate(
+        SyntheticSpec(users=3000, playlists=600, seed=0), tmp_path_factory.mktemp("training")
+    )
     return read_interactions(data.interactions)
 
 
@@ -62,14 +63,29 @@ def test_cli_generate_train_list_evaluate(tmp_path):
     runner = CliRunner()
     home = Path(os.environ["ENCORE_HOME"])  # the per-test home conftest sets
     out = tmp_path / "data"
-    generated = invoke(runner, "generate", "--users", "600", "--playlists", "150",
-                       "--out", str(out), "--seed", "2")
+    generated = invoke(
+        runner, "generate", "--users", "600", "--playlists", "150", "--out", str(out), "--seed", "2"
+    )
     assert (out / "interactions.parquet").is_file() and (out / "catalog.parquet").is_file()
     assert "interactions of 600 users" in generated.output
 
-    trained = invoke(runner, "train", "--interactions", str(out / "interactions.parquet"),
-                     "--catalog", str(out / "catalog.parquet"), "--no-evaluate",
-                     "--epochs", "1", "--dim", "8", "--neighbours", "10", "--candidates", "20")
+    trained = invoke(
+        runner,
+        "train",
+        "--interactions",
+        str(out / "interactions.parquet"),
+        "--catalog",
+        str(out / "catalog.parquet"),
+        "--no-evaluate",
+        "--epochs",
+        "1",
+        "--dim",
+        "8",
+        "--neighbours",
+        "10",
+        "--candidates",
+        "20",
+    )
     bundles = list_bundles(home / "bundles")
     assert len(bundles) == 1
     bundle = bundles[0]
@@ -83,8 +99,18 @@ def test_cli_generate_train_list_evaluate(tmp_path):
     assert "*" in row  # the promoted marker
     assert "600" in row and "150" in row
 
-    evaluated = invoke(runner, "evaluate", "--interactions", str(out / "interactions.parquet"),
-                       "--epochs", "1", "--neighbours", "10", "--candidates", "20")
+    evaluated = invoke(
+        runner,
+        "evaluate",
+        "--interactions",
+        str(out / "interactions.parquet"),
+        "--epochs",
+        "1",
+        "--neighbours",
+        "10",
+        "--candidates",
+        "20",
+    )
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert set(metrics) >= {"recall@10", "ndcg@10", "popularity_recall@10", "users_evaluated"}
     # The figures are stored in the bundle trained on the same data, and shown by the list.

@@ -170,7 +170,8 @@ def _read_delimited(path: Path, columns: list[str] | None, sep: str | None) -> d
         columns = list(INTERACTION_COLUMNS[: len(first)])
         logger.warning(
             "%s has no header row: reading its columns as %s (pass --columns to choose)",
-            path, ",".join(columns),
+            path,
+            ",".join(columns),
         )
     has_header = columns is None
     names = first if has_header else columns
@@ -284,8 +285,11 @@ def _as_numpy(column: pa.ChunkedArray, dtype: type, name: str, path: Path | None
             number = _parse_int(value) if dtype is np.int64 else _parse_float(value)
             if number is None:
                 raise InputError(
-                    path, f"{name} is not a number of the right kind", line=row + 1,
-                    column=name, value=value,
+                    path,
+                    f"{name} is not a number of the right kind",
+                    line=row + 1,
+                    column=name,
+                    value=value,
                 ) from None
             # A uint64 (or text) id above the int64 range fails the cast without a bad type.
             if dtype is np.int64 and number > MAX_ID:
@@ -353,7 +357,9 @@ def _scan_for_error(path: Path, delimiter: str, names: list[str], has_header: bo
             continue
         if len(fields) != len(names):
             raise InputError(
-                path, f"expected {len(names)} fields, found {len(fields)}", line=line,
+                path,
+                f"expected {len(names)} fields, found {len(fields)}",
+                line=line,
                 value=delimiter.join(fields),
             )
         for name, field in zip(names, fields, strict=True):
@@ -363,7 +369,10 @@ def _scan_for_error(path: Path, delimiter: str, names: list[str], has_header: bo
 def _check_field(path: Path, line: int, name: str, field: str) -> None:
     if name in INTERACTION_COLUMNS and not _is_utf8(field):
         raise InputError(
-            path, "the value is not UTF-8 text", line=line, column=name,
+            path,
+            "the value is not UTF-8 text",
+            line=line,
+            column=name,
             value=field.encode("utf-8", "surrogateescape"),
         )
     if name in ID_COLUMNS:
@@ -372,8 +381,11 @@ def _check_field(path: Path, line: int, name: str, field: str) -> None:
             raise InputError(path, "not an integer id", line=line, column=name, value=field)
         if value < 0:
             raise InputError(
-                path, "negative id; ids are non-negative 64-bit integers",
-                line=line, column=name, value=field,
+                path,
+                "negative id; ids are non-negative 64-bit integers",
+                line=line,
+                column=name,
+                value=field,
             )
         if value > MAX_ID:
             raise InputError(

@@ -50,7 +50,8 @@ async def _items(state: StateDep, run: RunInfo, user_ids: list[int], n: int) -> 
 
 def _head(run: RunInfo) -> bytes:
     return b'{"run_id":"%s","model_version":"%s"' % (
-        run.run_id.encode(), run.model_version.encode()
+        run.run_id.encode(),
+        run.model_version.encode(),
     )
 
 

@@ -16,9 +16,7 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
 @router.get("", summary="Recent runs, newest first")
-async def list_runs(
-    state: StateDep, limit: Annotated[int, Query(ge=1, le=500)] = 50
-) -> dict:
+async def list_runs(state: StateDep, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict:
     runs = await state.database.list_runs(limit=limit)
     return {"runs": [run.as_json() for run in runs]}
 
