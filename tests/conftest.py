@@ -100,6 +100,21 @@ def fresh_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextmanager
+def store_env(kind: str) -> Iterator[dict[str, str]]:
+    """The ENCORE_ store settings of a stack: ``"sqlite"`` (the embedded default, none) or
+    real servers: a Redis key prefix and a Postgres database of its own, dropped afterwards."""
+    if kind == "sqlite":
+        yield {}
+        return
+    with redis_prefix() as prefix, fresh_database() as database_url:
+        yield {
+            "ENCORE_REDIS_URL": REDIS_URL,
+            "ENCORE_REDIS_PREFIX": prefix,
+            "ENCORE_DATABASE_URL": database_url,
+        }
+
+
 @pytest.fixture
 def database_url() -> Iterator[str]:
     """A real Postgres: a fresh schema-less database per test, dropped afterwards."""

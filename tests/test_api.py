@@ -31,7 +31,7 @@ from encore.database import RunRecord, open_database
 from encore.online import RunInfo, open_online_store
 from encore.settings import Settings, get_settings
 from model_server.app import create_app
-from tests.conftest import REDIS_URL, fresh_database, redis_prefix
+from tests.conftest import store_env
 from tests.support import publish_random_run
 
 BACKENDS = [
@@ -110,11 +110,12 @@ class Backend:
 @contextmanager
 def published_backend(kind: str, home: Path) -> Iterator[Backend]:
     """A backend of ``kind`` with the random bundle's run published (2 scoring processes)."""
-    with _stores(kind) as (redis_url, prefix, database_url):
+    with store_env(kind) as env:
+        database_url = env.get("ENCORE_DATABASE_URL")
         settings = Settings(
             home=home,
-            redis_url=redis_url,
-            redis_prefix=prefix,
+            redis_url=env.get("ENCORE_REDIS_URL"),
+            redis_prefix=env.get("ENCORE_REDIS_PREFIX", "encore"),
             database_url=database_url,
             workers=2,
             _env_file=None,
@@ -127,15 +128,6 @@ def published_backend(kind: str, home: Path) -> Iterator[Backend]:
             run = store.current()
         assert record.status == "published" and run.run_id == record.run_id
         yield Backend(kind, settings, record, run)
-
-
-@contextmanager
-def _stores(kind: str) -> Iterator[tuple[str | None, str, str | None]]:
-    if kind == "sqlite":
-        yield None, "encore", None
-        return
-    with redis_prefix() as prefix, fresh_database() as database_url:
-        yield REDIS_URL, prefix, database_url
 
 
 def use_backend(monkeypatch: pytest.MonkeyPatch, backend: Backend, **env: str) -> None:

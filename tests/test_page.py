@@ -11,7 +11,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REDIS_URL, fresh_database, redis_prefix
+from tests.conftest import store_env
 
 pytestmark = pytest.mark.browser
 
@@ -97,20 +96,6 @@ class Server:
         raise AssertionError("no user's list has what the test needs; change the seed or sizes")
 
 
-@contextmanager
-def _stores(stack: str) -> Iterator[dict[str, str]]:
-    """The ENCORE_ store settings of a stack: the embedded SQLite default, or real servers."""
-    if stack == "sqlite":
-        yield {}
-        return
-    with redis_prefix() as prefix, fresh_database() as database_url:
-        yield {
-            "ENCORE_REDIS_URL": REDIS_URL,
-            "ENCORE_REDIS_PREFIX": prefix,
-            "ENCORE_DATABASE_URL": database_url,
-        }
-
-
 @pytest.fixture(
     scope="module",
     params=["sqlite", pytest.param("redis+postgres", marks=pytest.mark.integration)],
@@ -133,7 +118,7 @@ def server(
     from training.random_bundle import build_random_bundle
 
     home = tmp_path_factory.mktemp("page") / "home"
-    with _stores(request.param) as stores:
+    with store_env(request.param) as stores:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("ENCORE_HOME", str(home))
             mp.setenv("ENCORE_WORKERS", "2")
