@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from encore.redact import redact
+
 
 class EncoreError(Exception):
     """Base of every error Encore reports to a user without a traceback."""
@@ -41,8 +43,22 @@ class BundleError(EncoreError):
     """A model bundle that is missing, incomplete or unsafe to load."""
 
 
+# What StoreUnavailable.component names.
+ONLINE_STORE = "online_store"
+DATABASE = "database"
+
+
 class StoreUnavailable(EncoreError):
-    """A store (Redis, Postgres, SQLite) could not be reached."""
+    """A store (Redis, Postgres, SQLite) could not be reached, or refused to work.
+
+    ``component`` names the part of the system that is down, as the API reports it:
+    ``"online_store"`` (the published lists) or ``"database"`` (run records and feedback).
+    The message is redacted here, whoever raises it: it often quotes the store's URL.
+    """
+
+    def __init__(self, message: str, *, component: str | None = None) -> None:
+        super().__init__(redact(message))
+        self.component = component
 
 
 class NoPublishedRun(EncoreError):

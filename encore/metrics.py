@@ -16,6 +16,8 @@ encore_feedback_likes_total              counter    likes, label model_version
 encore_feedback_impressions_total        counter    playlists shown with a like, model_version
 encore_current_run_age_seconds           gauge      age of the served run
 encore_serving_run_info                  info       run_id, model_version of the served run
+encore_run_refresh_failures_total        counter    failed reads of the current run (the last
+                                                    known run was served meanwhile)
 =======================================  =========  ==========================================
 
 Scheduler (its own port) and run records:
@@ -47,6 +49,7 @@ FEEDBACK_LIKES = "encore_feedback_likes_total"
 FEEDBACK_IMPRESSIONS = "encore_feedback_impressions_total"
 CURRENT_RUN_AGE = "encore_current_run_age_seconds"
 SERVING_RUN = "encore_serving_run"
+RUN_REFRESH_FAILURES = "encore_run_refresh_failures_total"
 
 RUN_LAST_SUCCESS = "encore_run_last_success_timestamp_seconds"
 RUN_DURATION = "encore_run_duration_seconds"

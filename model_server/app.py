@@ -2,36 +2,38 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from encore.database import open_async_database, open_database
 from encore.errors import NoPublishedRun, StoreUnavailable
 from encore.online import open_online_reader
+from encore.redact import install_log_redaction
 from encore.settings import get_settings
-from model_server import metrics
+from model_server import errors, metrics, openapi
 from model_server.middleware import BodySizeLimit
 from model_server.routes import feedback, health, model, recommendations, runs
 from model_server.state import ServingState
 
-logger = logging.getLogger("encore.api")
-
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Again here: a server (uvicorn) sets up its own log handlers after the CLI did.
+    install_log_redaction()
     settings = get_settings()
     if not settings.database_url:
         open_database(settings).close()  # creates or upgrades the embedded SQLite schema
     reader = open_online_reader(settings)
     database = open_async_database(settings)
     try:
+        # Does not wait for Postgres: recommendations need only the online store.
         await database.open()
         metrics.initialise()
         app.state.serving = ServingState(settings, reader, database)
@@ -40,20 +42,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Closed in reverse order of opening.
         await database.aclose()
         await reader.aclose()
-
-
-async def _unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
-    logger.warning("%s %s: %s", request.method, request.url.path, exc)
-    return JSONResponse({"detail": str(exc)}, status_code=503)
-
-
-async def _no_run(request: Request, exc: NoPublishedRun) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=503)
-
-
-async def _internal(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("%s %s failed", request.method, request.url.path)
-    return JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
 
 
 def create_app() -> FastAPI:
@@ -72,9 +60,11 @@ def create_app() -> FastAPI:
         health.router,
     ):
         app.include_router(router)
-    app.add_exception_handler(StoreUnavailable, _unavailable)
-    app.add_exception_handler(NoPublishedRun, _no_run)
-    app.add_exception_handler(Exception, _internal)
+    app.add_exception_handler(StarletteHTTPException, errors.http_error)
+    app.add_exception_handler(StoreUnavailable, errors.store_unavailable)
+    app.add_exception_handler(NoPublishedRun, errors.no_published_run)
+    app.add_exception_handler(Exception, errors.internal_error)
+    openapi.install(app, top_n=settings.top_n)
     page = resources.files("client_app")
     app.mount("/static", StaticFiles(directory=str(page / "static")), name="static")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi.security import HTTPBearer
 
 from encore.settings import Settings, get_settings
 from model_server.state import ServingState
@@ -16,9 +17,27 @@ async def get_state(request: Request) -> ServingState:
     return request.app.state.serving
 
 
+class _AdminBearer(HTTPBearer):
+    """The bearer scheme, declared in the OpenAPI schema (so clients and tools know it).
+
+    Returns the header as sent: :func:`require_admin` compares it exactly, where
+    HTTPBearer's own parsing would strip the spaces around the token.
+    """
+
+    async def __call__(self, request: Request) -> str | None:  # type: ignore[override]
+        return request.headers.get("Authorization")
+
+
+admin_bearer = _AdminBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="ENCORE_ADMIN_TOKEN, as `Authorization: Bearer <token>`.",
+)
+
+
 def require_admin(
     settings: Annotated[Settings, Depends(get_settings)],
-    authorization: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Security(admin_bearer)] = None,
 ) -> None:
     challenge = {"WWW-Authenticate": "Bearer"}
     if settings.admin_token is None:

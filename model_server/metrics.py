@@ -33,6 +33,10 @@ FEEDBACK_IMPRESSIONS = Counter(
 )
 CURRENT_RUN_AGE = Gauge(names.CURRENT_RUN_AGE, "Age of the served run (since it was published).")
 SERVING_RUN = Info(names.SERVING_RUN, "The run and model version being served.")
+RUN_REFRESH_FAILURES = Counter(
+    names.RUN_REFRESH_FAILURES.removesuffix("_total"),
+    "Failed reads of the current run; the last known run was served meanwhile.",
+)
 
 
 def initialise() -> None:

@@ -1,23 +1,47 @@
-"""Request bodies of the HTTP API. Ids are strict integers: "12", 1.5 and true are refused."""
+"""Request bodies of the HTTP API. Ids are integers: "12", 1.5 and true are refused; 12.0 is
+12 (JSON Schema's integer), up to 2**53, where floats stop being exact."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 MAX_ID = 2**63 - 1
 MAX_USERS = 1000
 
-Id = Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
+# Integral floats are exact up to here: 2**53 + 1 has no float of its own.
+EXACT_FLOAT_MAX = 2**53
+
+
+def _whole_number(value: object) -> object:
+    # The schema's "integer" (JSON Schema 2020-12, OpenAPI 3.1) includes 14.0: take it as 14
+    # where a float holds the integer exactly; strings, booleans, 1.5 stay refused (int_type).
+    if type(value) is float and value.is_integer() and abs(value) <= EXACT_FLOAT_MAX:
+        return int(value)
+    return value
+
+
+# int64 in the schema: the range is what a client's code generator needs to pick a type.
+Id = Annotated[
+    StrictInt,
+    Field(
+        ge=0,
+        le=MAX_ID,
+        description="A non-negative 64-bit id. Written with a fraction (12.0) it is taken up "
+        "to 2^53 only: past that a JSON parser's float no longer holds it exactly.",
+        json_schema_extra={"format": "int64"},
+    ),
+    BeforeValidator(_whole_number),
+]
 
 
 class RecommendationsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_ids: list[Id] = Field(min_length=1, max_length=MAX_USERS)
-    n: Annotated[StrictInt, Field(ge=1)] | None = None
+    n: Annotated[StrictInt, Field(ge=1), BeforeValidator(_whole_number)] | None = None
 
 
 class FeedbackRequest(BaseModel):

@@ -167,7 +167,11 @@ class AsyncDatabase(ABC):
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]: ...
 
     @abstractmethod
-    async def ping(self) -> None: ...
+    async def ping(self, *, timeout_seconds: float | None = None) -> None:
+        """Raise :class:`~encore.errors.StoreUnavailable` unless a query is answered.
+
+        ``timeout_seconds`` bounds the wait for a connection (a readiness probe's budget).
+        """
 
     @abstractmethod
     async def aclose(self) -> None: ...

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,8 @@ from encore.database.base import (
     RunRecord,
     migrations,
 )
-from encore.errors import RunLocked, StoreUnavailable
+from encore.errors import DATABASE, RunLocked, StoreUnavailable
+from encore.redact import redact
 
 logger = logging.getLogger("encore.database.postgres")
 
@@ -205,37 +205,68 @@ class PostgresDatabase(Database):
 
 
 class AsyncPostgresDatabase(AsyncDatabase):
+    """The API's side: a pool that neither needs Postgres to start nor outlives a restart.
+
+    The pool opens without waiting and keeps connecting in the background (psycopg_pool's
+    reconnection with backoff), so the API serves recommendations while Postgres is down
+    and feedback answers 503 until it is back. Every connection is checked before it is
+    handed out, so the connections a Postgres restart killed are replaced, not used.
+    """
+
     def __init__(
-        self, url: str, *, min_size: int = 2, max_size: int = 10, timeout_seconds: float = 5.0
+        self,
+        url: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        timeout_seconds: float = 3.0,
+        connect_timeout_seconds: int = 5,
     ) -> None:
         self.url = url
-        self.timeout = timeout_seconds
         self.pool = AsyncConnectionPool(
             url,
             min_size=min_size,
             max_size=max_size,
+            # How long a request waits for a connection; while Postgres is down, the time a
+            # feedback request takes to be told 503.
             timeout=timeout_seconds,
-            kwargs={"row_factory": dict_row, "autocommit": True},
+            kwargs={
+                "row_factory": dict_row,
+                "autocommit": True,
+                "connect_timeout": connect_timeout_seconds,
+            },
+            check=AsyncConnectionPool.check_connection,
             open=False,
             name="encore-api",
         )
 
     async def open(self) -> None:
-        try:
-            await self.pool.open(wait=True, timeout=self.timeout)
-        except UNAVAILABLE as exc:
-            await self.pool.close()
-            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+        await self.pool.open(wait=False)
 
-    async def _fetch(self, sql: str, params: Any = None, *, one: bool = False):
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        # Every psycopg error, not only OperationalError: a read-only standby (25006), a
+        # full disk, a missing migration are all "the database cannot take this now".
+        return StoreUnavailable(
+            f"Postgres at {redact(self.url)} is unavailable: {type(exc).__name__}: {exc}",
+            component=DATABASE,
+        )
+
+    async def _fetch(
+        self,
+        sql: str,
+        params: Any = None,
+        *,
+        one: bool = False,
+        timeout_seconds: float | None = None,
+    ):
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection(timeout=timeout_seconds) as conn:
                 cursor = await conn.execute(sql, params)
                 if cursor.description is None:
                     return None
                 return await (cursor.fetchone() if one else cursor.fetchall())
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+        except psycopg.Error as exc:  # PoolTimeout is one
+            raise self._unavailable(exc) from exc
 
     async def insert_feedback(self, event: FeedbackEvent) -> bool:
         row = await self._fetch(
@@ -271,8 +302,8 @@ class AsyncPostgresDatabase(AsyncDatabase):
         rows = await self._fetch("SELECT * FROM runs ORDER BY created_at DESC LIMIT %s", (limit,))
         return [_run_from_row(r) for r in rows]
 
-    async def ping(self) -> None:
-        await self._fetch("SELECT 1")
+    async def ping(self, *, timeout_seconds: float | None = None) -> None:
+        await self._fetch("SELECT 1", timeout_seconds=timeout_seconds)
 
     async def aclose(self) -> None:
         await self.pool.close()
@@ -280,9 +311,4 @@ class AsyncPostgresDatabase(AsyncDatabase):
 
 def _safe(url: str) -> str:
     """The URL without its password, for messages."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "<invalid database URL>"
-    info.pop("password", None)
-    return json.dumps({k: v for k, v in info.items() if k in ("host", "port", "dbname", "user")})
+    return redact(url)

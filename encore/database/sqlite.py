@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import sqlite3
-import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,21 +24,25 @@ from encore.database.base import (
     RunRecord,
     migrations,
 )
-from encore.errors import RunLocked, StoreUnavailable
+from encore.errors import DATABASE, RunLocked, StoreUnavailable
 
 TIME_FIELDS = ("created_at", "started_at", "finished_at")
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, *, busy_timeout_seconds: float = 30.0) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: an acknowledged feedback event survives a power cut, not only a crash.
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_seconds * 1000)}")
     except sqlite3.Error as exc:
-        raise StoreUnavailable(f"cannot open the SQLite database {path}: {exc}") from exc
+        raise StoreUnavailable(
+            f"cannot open the SQLite database {path}: {exc}", component=DATABASE
+        ) from exc
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -186,27 +191,40 @@ class SQLiteDatabase(Database):
 
 
 class AsyncSQLiteDatabase(AsyncDatabase):
-    """One connection guarded by a lock; calls run in worker threads."""
+    """One connection, used by one thread of its own: calls are serialised there.
 
-    def __init__(self, path: Path) -> None:
+    Its own thread, not the event loop's shared pool: a request blocked on another
+    process's write lock must not hold the threads the online store's reads run in.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_seconds: float = 5.0) -> None:
         self.path = path
+        # Shorter than the batch side's: a request waiting on another process's write lock
+        # is answered 503 (and retried by its client) rather than held for half a minute.
+        self.busy_timeout_seconds = busy_timeout_seconds
         self.conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encore-sqlite")
 
     async def open(self) -> None:
-        self.conn = await asyncio.to_thread(_connect, self.path)
+        self.conn = await asyncio.get_running_loop().run_in_executor(
+            self._thread,
+            functools.partial(_connect, self.path, busy_timeout_seconds=self.busy_timeout_seconds),
+        )
 
     async def _run(self, fn, *args):
         def call():
             if self.conn is None:
-                raise StoreUnavailable(f"SQLite database {self.path} is not open")
-            with self._lock:
-                try:
-                    return fn(self.conn, *args)
-                except sqlite3.OperationalError as exc:
-                    raise StoreUnavailable(f"SQLite database {self.path}: {exc}") from exc
+                raise StoreUnavailable(
+                    f"SQLite database {self.path} is not open", component=DATABASE
+                )
+            try:
+                return fn(self.conn, *args)
+            except sqlite3.Error as exc:  # locked, I/O error, corrupt file, closed...
+                raise StoreUnavailable(
+                    f"SQLite database {self.path}: {exc}", component=DATABASE
+                ) from exc
 
-        return await asyncio.to_thread(call)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
     async def insert_feedback(self, event: FeedbackEvent) -> bool:
         def insert(conn: sqlite3.Connection) -> bool:
@@ -243,10 +261,13 @@ class AsyncSQLiteDatabase(AsyncDatabase):
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         return await self._run(_list_runs, limit)
 
-    async def ping(self) -> None:
+    async def ping(self, *, timeout_seconds: float | None = None) -> None:
+        # A connection is always at hand: the timeout is the caller's (asyncio.wait_for).
         await self._run(lambda c: c.execute("SELECT 1").fetchone())
 
     async def aclose(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            # In its thread, after whatever is queued there.
+            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
+        self._thread.shutdown(wait=False)

@@ -22,12 +22,26 @@ import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from encore.errors import RunFailed, StoreUnavailable
+from encore.errors import ONLINE_STORE, RunFailed, StoreUnavailable
 from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo
+from encore.redact import redact
 
 logger = logging.getLogger("encore.online.redis")
 
+# Retried by redis-py itself (a new connection each time): a restart or a dropped socket.
 RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
+# A Redis that answers with an error is as unavailable as one that does not answer: READONLY
+# (a replica, or a failover in progress), OOM (maxmemory reached), MISCONF, LOADING...
+# Not retried: they last longer than a request.
+UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
+
+
+def _unavailable(url: str, what: str, exc: redis.RedisError) -> StoreUnavailable:
+    if isinstance(exc, redis.ResponseError):
+        problem = f"answered an error ({what}): {exc}"
+    else:
+        problem = f"is unreachable ({what}): {exc}"
+    return StoreUnavailable(f"Redis at {redact(url)} {problem}", component=ONLINE_STORE)
 
 
 class _Keys:
@@ -80,8 +94,8 @@ class RedisOnlineStore(OnlineStore):
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis at {self.url} is unreachable ({what}): {exc}") from exc
+        except UNAVAILABLE as exc:
+            raise _unavailable(self.url, what, exc) from exc
 
     def begin_run(
         self,
@@ -190,13 +204,17 @@ class RedisOnlineStore(OnlineStore):
 
 
 class AsyncRedisReader(AsyncOnlineReader):
-    def __init__(self, url: str, *, prefix: str = "encore", socket_timeout: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, prefix: str = "encore", socket_timeout_seconds: float = 1.0
+    ) -> None:
         self.url = url
         self.keys = _Keys(prefix)
+        # A request gives up after about 3 timeouts (the first try and 2 retries): a Redis
+        # that hangs costs a client seconds, not minutes, and its answer is a 503.
         self.client = aioredis.Redis.from_url(
             url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=2.0,
+            socket_timeout=socket_timeout_seconds,
+            socket_connect_timeout=socket_timeout_seconds,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
             retry_on_error=RETRY_ERRORS,
             max_connections=256,
@@ -205,8 +223,8 @@ class AsyncRedisReader(AsyncOnlineReader):
     async def _call(self, what: str, coro):
         try:
             return await coro
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis at {self.url} is unreachable ({what}): {exc}") from exc
+        except UNAVAILABLE as exc:
+            raise _unavailable(self.url, what, exc) from exc
 
     async def current(self) -> RunInfo | None:
         run_id = await self._call("current", self.client.get(self.keys.current))

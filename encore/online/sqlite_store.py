@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from encore.errors import RunFailed, StoreUnavailable
+from encore.errors import ONLINE_STORE, RunFailed, StoreUnavailable
 from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo
 
 SCHEMA = """
@@ -57,7 +57,9 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout=30000")
         conn.executescript(SCHEMA)
     except sqlite3.Error as exc:
-        raise StoreUnavailable(f"cannot open the SQLite online store {path}: {exc}") from exc
+        raise StoreUnavailable(
+            f"cannot open the SQLite online store {path}: {exc}", component=ONLINE_STORE
+        ) from exc
     return conn
 
 
@@ -218,7 +220,9 @@ class SQLiteOnlineStore(OnlineStore):
         try:
             self.conn.execute("SELECT 1")
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite online store {self.path}: {exc}") from exc
+            raise StoreUnavailable(
+                f"SQLite online store {self.path}: {exc}", component=ONLINE_STORE
+            ) from exc
 
     def close(self) -> None:
         self.conn.close()
@@ -247,7 +251,9 @@ class AsyncSQLiteReader(AsyncOnlineReader):
             try:
                 return fn(self._conn(), *args)
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"SQLite online store {self.path}: {exc}") from exc
+                raise StoreUnavailable(
+                    f"SQLite online store {self.path}: {exc}", component=ONLINE_STORE
+                ) from exc
 
         return await asyncio.to_thread(call)
 

@@ -33,7 +33,10 @@ async def _model_version(state: StateDep, run_id: str) -> str | None:
     "",
     status_code=status.HTTP_201_CREATED,
     summary="Record a like: 201 when stored, 200 when this event id was already stored",
-    responses={200: {"description": "already stored"}, 409: {"description": "id reused"}},
+    responses={
+        200: {"description": "This event id was already stored (a retry): nothing written"},
+        409: {"description": "This event id is stored for a different event"},
+    },
 )
 async def feedback(body: FeedbackRequest, state: StateDep, response: Response) -> dict:
     try:

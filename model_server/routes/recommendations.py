@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Response, status
+from fastapi import APIRouter, Path, Query, Response
 
 from encore.online import RunInfo, truncate
+from encore.settings import Settings
 from model_server import metrics
 from model_server.deps import StateDep
+from model_server.errors import invalid
 from model_server.schemas import MAX_ID, RecommendationsRequest
 
 router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"])
@@ -17,12 +19,17 @@ DEFAULT_N = 10
 ITEM = b'{"user_id":%d,"playlist_ids":%s,"source":"%s"}'
 
 
-def _check_n(n: int | None, run: RunInfo) -> int:
-    n = min(DEFAULT_N, run.top_n) if n is None else n
-    if n > run.top_n:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"n must be between 1 and {run.top_n} (the lists stored by run {run.run_id}); got {n}",
+def _check_n(n: int | None, run: RunInfo, settings: Settings, *, where: str) -> int:
+    # The most asked for is what both the run stores and the schema documents (ENCORE_TOP_N).
+    most = min(run.top_n, settings.top_n)
+    n = min(DEFAULT_N, most) if n is None else n
+    if n > most:
+        raise invalid(
+            (where, "n"),
+            f"n must be between 1 and {most} (the lists stored by run {run.run_id}); got {n}",
+            kind="less_than_equal",
+            value=n,
+            le=most,
         )
     return n
 
@@ -58,7 +65,7 @@ def _head(run: RunInfo) -> bytes:
 @router.post("", summary="Lists for up to 1000 users, in the order asked")
 async def recommendations(body: RecommendationsRequest, state: StateDep) -> Response:
     run = await state.current_run()
-    n = _check_n(body.n, run)
+    n = _check_n(body.n, run, state.settings, where="body")
     items = await _items(state, run, body.user_ids, n)
     content = _head(run) + b',"recommendations":[' + b",".join(items) + b"]}"
     return Response(content, media_type="application/json")
@@ -66,11 +73,11 @@ async def recommendations(body: RecommendationsRequest, state: StateDep) -> Resp
 
 @router.get("/{user_id}", summary="One user's list")
 async def recommendation(
-    user_id: Annotated[int, Path(ge=0, le=MAX_ID)], state: StateDep, n: int | None = None
+    user_id: Annotated[int, Path(ge=0, le=MAX_ID, json_schema_extra={"format": "int64"})],
+    state: StateDep,
+    n: Annotated[int | None, Query(ge=1)] = None,
 ) -> Response:
     run = await state.current_run()
-    if n is not None and n < 1:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"n must be >= 1; got {n}")
-    count = _check_n(n, run)
+    count = _check_n(n, run, state.settings, where="query")
     (item,) = await _items(state, run, [user_id], count)
     return Response(_head(run) + b"," + item[1:], media_type="application/json")

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from encore.database import RunRecord, new_run_id
+from encore.redact import redact
 from model_server.deps import AdminDep, SettingsDep, StateDep
 from model_server.launcher import launch_run
 from model_server.schemas import RunRequest
@@ -15,18 +16,31 @@ from model_server.schemas import RunRequest
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
+def _public(record: RunRecord) -> dict:
+    # This route is not authenticated, and a run's error may quote a store URL (records
+    # written before errors were redacted at the source, or by another writer).
+    data = record.as_json()
+    if data["error"]:
+        data["error"] = redact(data["error"])
+    return data
+
+
 @router.get("", summary="Recent runs, newest first")
 async def list_runs(state: StateDep, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict:
     runs = await state.database.list_runs(limit=limit)
-    return {"runs": [run.as_json() for run in runs]}
+    return {"runs": [_public(run) for run in runs]}
 
 
-@router.get("/{run_id}", summary="One run: status, progress, error")
+@router.get(
+    "/{run_id}",
+    summary="One run: status, progress, error",
+    responses={404: {"description": "No run has this id"}},
+)
 async def get_run(run_id: str, state: StateDep) -> dict:
     record = await state.database.get_run(run_id)
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no run {run_id!r}")
-    return record.as_json()
+    return _public(record)
 
 
 @router.post(
