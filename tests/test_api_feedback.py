@@ -318,15 +318,20 @@ def test_feedback_is_503_and_never_2xx_while_the_database_is_down(api, backend):
         response = api.post("/v1/feedback", json=event)
         assert response.status_code == 503, response.text
         assert error_detail(response)
+        assert response.json()["component"] == "database"
+        assert int(response.headers["retry-after"]) >= 1
         assert increase(before)["failed"] == 1
         assert increase(before)["stored"] == 0
         if backend.settings.database_url:
+            # Still in rotation: recommendations are served; the body says what is down.
             ready = api.get("/readyz")
-            assert ready.status_code == 503, ready.text
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["status"] == "degraded", ready.json()
+            assert ready.json()["checks"]["database"]["ok"] is False
             assert any("database" in p for p in ready.json()["problems"]), ready.json()
             runs = api.get("/v1/runs")
             assert runs.status_code == 503, runs.text
-            error_detail(runs)
+            assert runs.json()["component"] == "database"
         # Recommendations do not need the database.
         served = api.post("/v1/recommendations", json={"user_ids": [14]})
         assert served.status_code == 200, served.text
@@ -344,7 +349,7 @@ def test_feedback_is_503_and_never_2xx_while_the_database_is_down(api, backend):
         time.sleep(0.5)
     assert response.status_code == 201, response.text
     assert backend.feedback_rows()[event["event_id"]]["model_version"] == VERSION
-    assert api.get("/readyz").status_code == 200
+    assert api.get("/readyz").json()["status"] == "ready"
 
 
 # --------------------------------------------------------------------------------------
