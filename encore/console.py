@@ -21,13 +21,17 @@ from rich.progress import (
 from rich.segment import Segments
 from rich.table import Table
 
+from encore.redact import install_log_redaction
+
 console = Console(stderr=True)
 
 
 def configure_logging(level: int = logging.INFO) -> None:
+    """Log to the terminal, with credentials masked (:mod:`encore.redact`) on every handler."""
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("encore").setLevel(level)
+    install_log_redaction()
 
 
 class StageProgress:

@@ -221,6 +221,7 @@ class AsyncPostgresDatabase(AsyncDatabase):
         max_size: int = 10,
         timeout_seconds: float = 3.0,
         connect_timeout_seconds: int = 5,
+        reconnect_timeout_seconds: float = 5.0,
     ) -> None:
         self.url = url
         self.pool = AsyncConnectionPool(
@@ -230,6 +231,11 @@ class AsyncPostgresDatabase(AsyncDatabase):
             # How long a request waits for a connection; while Postgres is down, the time a
             # feedback request takes to be told 503.
             timeout=timeout_seconds,
+            # The pool retries a failed connection with a doubling delay (1, 2, 4, 8... s)
+            # for this long, then gives up until a request needs a connection, which starts
+            # a new series at once. Short: after a long outage the next attempt is never
+            # more than a few seconds away, rather than minutes.
+            reconnect_timeout=reconnect_timeout_seconds,
             kwargs={
                 "row_factory": dict_row,
                 "autocommit": True,
