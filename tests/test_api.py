@@ -465,7 +465,7 @@ def test_healthz_and_readyz(api, backend):
     body = ready.json()
     assert body["status"] == "ready" and body["run_id"] == backend.record.run_id
     assert body["problems"] == []
-    assert set(body["checks"]) == {"online_store", "database", "published_run"}
+    assert set(body["checks"]) == {"online_store", "database"}
     for name, check in body["checks"].items():
         assert check["ok"] is True and check["detail"] is None, name
         assert 0 <= check["seconds"] < 1, name

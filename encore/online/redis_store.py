@@ -38,7 +38,8 @@ UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
 
 def _unavailable(url: str, what: str, exc: redis.RedisError) -> StoreUnavailable:
     if isinstance(exc, redis.ResponseError):
-        problem = f"answered an error ({what}): {exc}"
+        # The class names it: redis-py strips READONLY or OOM from the message it keeps.
+        problem = f"answered an error ({what}): {type(exc).__name__}: {exc}"
     else:
         problem = f"is unreachable ({what}): {exc}"
     return StoreUnavailable(f"Redis at {redact(url)} {problem}", component=ONLINE_STORE)

@@ -18,7 +18,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from encore.errors import NoPublishedRun, StoreUnavailable
+from encore.errors import StoreUnavailable
 from model_server.deps import StateDep
 from model_server.errors import outages
 
@@ -40,31 +40,30 @@ class Readiness(BaseModel):
         description="ready: all is well; degraded: recommendations are served but feedback "
         "and run records are not (the database is down); unavailable: not serving."
     )
-    run_id: str | None = Field(description="The run being served, when one is known.")
+    run_id: str | None = Field(description="The published run, as the online store has it.")
     checks: dict[str, Check] = Field(
-        description="online_store, database and published_run, each with its own timeout."
+        description="online_store (reads the published run) and database, each with its own "
+        "timeout."
     )
-    problems: list[str] = Field(description="One sentence per failed check.")
+    problems: list[str] = Field(description="One sentence per thing that is wrong.")
 
 
 async def _check(probe: Callable[[], Awaitable[object]]) -> tuple[Check, object]:
     started = time.perf_counter()
+    value = None
     try:
         async with asyncio.timeout(CHECK_SECONDS):
             value = await probe()
     except TimeoutError:
-        detail, value = f"no answer within {CHECK_SECONDS} s", None
-    except NoPublishedRun as exc:
-        detail, value = str(exc), None
+        detail = f"no answer within {CHECK_SECONDS} s"
     except StoreUnavailable as exc:
         # The store's own message (URL, driver error) is for the log, not for the probe.
         outages.warn(exc.component or "store", "GET /readyz", exc)
-        detail, value = "unavailable", None
+        detail = "unavailable"
     else:
         detail = None
-    return Check(
-        ok=detail is None, seconds=round(time.perf_counter() - started, 4), detail=detail
-    ), value
+    seconds = round(time.perf_counter() - started, 4)
+    return Check(ok=detail is None, seconds=seconds, detail=detail), value
 
 
 @router.get("/healthz", summary="The process is alive")
@@ -79,19 +78,21 @@ async def healthz() -> dict:
     responses={503: {"model": Readiness, "description": "Not ready: take it out of rotation"}},
 )
 async def readyz(state: StateDep) -> JSONResponse:
-    (online, _), (database, _), (run, current) = await asyncio.gather(
-        _check(state.reader.ping),
+    (online, run), (database, _) = await asyncio.gather(
+        # A read, not a PING: a replica cut off from its master answers PING but not GET.
+        _check(state.reader.current),
         # A shorter wait for a connection than the check's: a pool timeout says "down".
         _check(lambda: state.database.ping(timeout_seconds=CHECK_SECONDS * 0.75)),
-        _check(state.current_run),
     )
-    checks = {"online_store": online, "database": database, "published_run": run}
+    checks = {"online_store": online, "database": database}
     problems = [f"{name.replace('_', ' ')}: {c.detail}" for name, c in checks.items() if not c.ok]
-    serving = online.ok and run.ok
+    if online.ok and run is None:
+        problems.append("no run has been published yet: run `encore run`")
+    serving = online.ok and run is not None
     status = "unavailable" if not serving else "ready" if database.ok else "degraded"
     report = Readiness(
         status=status,
-        run_id=current.run_id if current is not None else None,
+        run_id=run.run_id if run is not None else None,
         checks=checks,
         problems=problems,
     )
