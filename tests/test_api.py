@@ -823,3 +823,19 @@ def test_feedback_is_stored_while_the_online_store_is_down(monkeypatch):
         assert response.json()["model_version"] == VERSION
     rows = Backend("sqlite", settings).feedback_rows()
     assert rows[event["event_id"]]["model_version"] == VERSION
+
+
+def test_an_embedded_online_store_that_is_not_a_database_is_503(monkeypatch):
+    # sqlite3.DatabaseError ("file is not a database"), not only OperationalError, is a 503.
+    home = get_settings().home
+    home.mkdir(parents=True)
+    get_settings().sqlite_online_path.write_bytes(b"not a database, " * 1024)
+    with TestClient(create_app()) as api:
+        for response in (
+            api.post("/v1/recommendations", json={"user_ids": [14]}),
+            api.get("/v1/recommendations/14"),
+            api.get("/readyz"),
+        ):
+            assert response.status_code == 503, response.text
+            assert "not a database" not in response.text  # the cause is for the log
+        assert api.get("/v1/model").json()["component"] == "online_store"
