@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from encore.database import AsyncDatabase
 from encore.errors import NoPublishedRun
@@ -21,7 +20,6 @@ class ServingState:
     settings: Settings
     reader: AsyncOnlineReader
     database: AsyncDatabase
-    children: list[subprocess.Popen] = field(default_factory=list)
     _run: RunInfo | None = None
     _checked_at: float = float("-inf")
 
@@ -45,7 +43,3 @@ class ServingState:
         if self._run is None:
             raise NoPublishedRun("no run has been published yet: run `encore run`")
         return self._run
-
-    def reap_children(self) -> None:
-        """Forget run processes that have finished (they were started detached)."""
-        self.children = [child for child in self.children if child.poll() is None]
