@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -947,6 +948,40 @@ def test_uv_itself_agrees_on_what_the_api_image_installs(instructions: list[Any]
     packages = _lock()
     assert exported == _installed_by(packages, _selected_groups(project_sync.value[0]))
     assert not exported & _worker_only(packages)
+
+
+# Uncompressed size of the API image's environment layer; 75.6 MB on 2026-11-29 (README).
+API_ENV_BUDGET_MB = 100
+
+
+@pytest.mark.slow
+def test_the_api_stage_builds_with_uv_and_stays_small(
+    instructions: list[Any], tmp_path: Path
+) -> None:
+    """The API build stage's own commands, run here by bench/images.py, including its check.
+
+    That check imports the app and fails if any worker package is in the environment.
+    """
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "images.py"), "--target", "api", "--keep", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    measured = json.loads(result.stdout)
+    site = next((tmp_path / "api" / ".venv" / "lib").glob("python3*/site-packages"))
+    installed = {
+        re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        for dist in importlib.metadata.distributions(path=[str(site)])
+    }
+    assert {"encore", "fastapi", "uvicorn", "psycopg"} <= installed
+    assert not installed & _worker_only(_lock()), installed & _worker_only(_lock())
+    assert measured["api_env_mb"] <= API_ENV_BUDGET_MB, (
+        f"the API environment grew to {measured['api_env_mb']} MB: if that is intended, update "
+        "the budget here and the figures in README.md"
+    )
 
 
 # --- .dockerignore ---------------------------------------------------------------------------
