@@ -207,6 +207,33 @@ def test_every_batch_command_stops_before_it_starts(tmp_path: Path) -> None:
         assert f"Usage: encore {command}" in outcome["out"], outcome
 
 
+# The commands the API image runs (test_the_api_commands_work_without_the_worker_packages).
+API_COMMANDS = {"serve", "db upgrade", "runs list", "runs show"}
+
+
+def test_every_command_is_either_an_api_or_a_batch_command() -> None:
+    import typer.main
+
+    from encore.cli import app
+    from encore.worker_group import WorkerCommand
+
+    def commands(group, prefix=""):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    marked, unmarked = set(), set()
+    for name, command in commands(typer.main.get_command(app)):
+        (marked if isinstance(command, WorkerCommand) else unmarked).add(name)
+    assert unmarked == API_COMMANDS, (
+        "a command that needs torch, numpy, pandas ... gets cls=WorkerCommand; one that runs "
+        "in the API image goes into API_COMMANDS and its test"
+    )
+    assert marked == set(WORKER_COMMANDS)
+
+
 def test_an_unmarked_batch_command_still_ends_in_one_line(tmp_path: Path) -> None:
     """The safety net behind WorkerCommand, for a command someone forgot to mark."""
     result = _blocked("probe", cwd=tmp_path)
