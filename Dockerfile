@@ -75,7 +75,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --locked --no-default-groups --no-editable
 
 # Fail the build, not the first request, if the app cannot load or a worker package came in.
-RUN /app/.venv/bin/python -c "import model_server.main; from encore.worker_group import WORKER_MODULES, missing_worker_packages as m; assert len(m()) == len(WORKER_MODULES), m()"
+RUN /app/.venv/bin/python -c "import model_server.main; from encore.worker_group import WORKER_MODULES as w, missing_worker_packages as m; came = set(w.values()) - set(m()); assert not came, came"
 
 
 FROM api-deps AS worker-build
