@@ -14,6 +14,7 @@ from rich.table import Table
 from encore.console import console, print_table, stage_progress
 from encore.errors import InputError
 from encore.settings import get_settings
+from encore.worker_group import WorkerCommand
 
 runs_app = typer.Typer(help="Inspect published runs and roll back.", no_args_is_help=True)
 db_app = typer.Typer(help="The run-record and feedback database.", no_args_is_help=True)
@@ -134,7 +135,7 @@ def runs_show(run_id: Annotated[str, typer.Argument()]) -> None:
     print(json.dumps(record.as_json(), indent=2))
 
 
-@runs_app.command("rollback")
+@runs_app.command("rollback", cls=WorkerCommand)
 def runs_rollback(run_id: Annotated[str, typer.Argument()]) -> None:
     """Serve an earlier published run again (within its grace period).
 
@@ -160,7 +161,7 @@ def db_upgrade() -> None:
     console.print(f"applied {', '.join(applied)}" if applied else "the schema is up to date")
 
 
-@feedback_app.command("export")
+@feedback_app.command("export", cls=WorkerCommand)
 def feedback_export(
     since: Annotated[datetime, typer.Option(help="Events created at or after this time (UTC).")],
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
