@@ -172,6 +172,8 @@ class RunExecution:
                 # A handful of users: spinning up a pool would cost more than scoring them.
                 scorer = Scorer(plan.bundle.path, plan.top_n)
                 for batch in plan.batches:
+                    if self.stop.is_set():
+                        raise RunStopped("stopped on request before the flip")
                     on_result(scorer.score(batch))
             else:
                 score_in_pool(
@@ -179,8 +181,6 @@ class RunExecution:
                 )
         finally:
             saver.close()
-        if self.stop.is_set():
-            raise RunStopped("stopped on request before the flip")
         return totals
 
     def _flip(self, flip: Callable[..., object], *args: object, **kwargs: object) -> None:

@@ -100,6 +100,21 @@ def test_metrics_describe_the_last_published_run(settings: Settings) -> None:
     assert values["encore_run_drift_score"] == 0.01
 
 
+def test_metrics_count_the_runs_waiting_in_the_queue(settings: Settings) -> None:
+    assert _samples(metrics_registry(settings))["encore_runs_queued"] == 0
+    first = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+    with open_database(settings) as db:
+        db.enqueue_run(RunRecord("q-old", "manual", "queued", created_at=first))
+        db.enqueue_run(
+            RunRecord("q-new", "backfill", "queued", created_at=first + timedelta(minutes=3)),
+            [7],
+        )
+        db.create_run(RunRecord("r-running", "manual", "running", created_at=first))
+    values = _samples(metrics_registry(settings))
+    assert values["encore_runs_queued"] == 2
+    assert values["encore_runs_queued_oldest_timestamp_seconds"] == first.timestamp()
+
+
 def _samples(metrics) -> dict[str, float]:
     text = generate_latest(metrics.registry).decode()
     return {
