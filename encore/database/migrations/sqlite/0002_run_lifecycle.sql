@@ -31,6 +31,13 @@ SELECT run_id, kind, status, model_version, target_run_id, created_at, started_a
 FROM runs;
 DROP TABLE runs;
 ALTER TABLE runs_new RENAME TO runs;
+-- Before this, POST /v1/runs started a process that claimed its queued record: a record still
+-- queued belongs to a process that exited first (its users were in a file, not here). The
+-- scheduler now executes queued records: these must not run weeks late.
+UPDATE runs SET status = 'failed',
+    finished_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+    error = 'never started: the process asked to run it exited before it began'
+WHERE status = 'queued';
 CREATE INDEX runs_created_at_idx ON runs (created_at DESC);
 CREATE INDEX runs_published_idx ON runs (status, finished_at DESC);
 CREATE INDEX runs_open_idx ON runs (status, created_at);
