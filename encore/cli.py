@@ -15,6 +15,7 @@ from encore import cli_ops
 from encore.console import configure_logging, console, print_table, stage_progress
 from encore.errors import EncoreError
 from encore.settings import get_settings
+from encore.worker_group import WHERE, WorkerCommand, worker_module_missing
 
 app = typer.Typer(
     help="Encore: nightly batch recommendations, published and served.",
@@ -24,12 +25,13 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List and promote model bundles.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-app.command()(cli_ops.demo)
-app.command()(cli_ops.run)
-app.command()(cli_ops.backfill)
+# WorkerCommand: the batch side, which needs the `worker` dependency group (not in the API image).
+app.command(cls=WorkerCommand)(cli_ops.demo)
+app.command(cls=WorkerCommand)(cli_ops.run)
+app.command(cls=WorkerCommand)(cli_ops.backfill)
 app.add_typer(cli_ops.runs_app, name="runs")
 app.command()(cli_ops.serve)
-app.command()(cli_ops.scheduler)
+app.command(cls=WorkerCommand)(cli_ops.scheduler)
 app.add_typer(cli_ops.db_app, name="db")
 app.add_typer(cli_ops.feedback_app, name="feedback")
 
@@ -51,7 +53,7 @@ def _sep(value: str | None) -> str | None:
     return {"\\t": "\t", "tab": "\t"}.get(value, value) if value else None
 
 
-@app.command()
+@app.command(cls=WorkerCommand)
 def generate(
     users: Annotated[int, typer.Option(min=1, help="Number of users.")],
     playlists: Annotated[int, typer.Option(min=2, help="Number of playlists.")],
@@ -80,7 +82,7 @@ def _train_params(**overrides: object):
     return TrainParams(**{k: v for k, v in overrides.items() if v is not None})
 
 
-@app.command()
+@app.command(cls=WorkerCommand)
 def train(
     interactions: InteractionsOpt,
     catalog: Annotated[
@@ -135,7 +137,7 @@ def train(
     )
 
 
-@app.command()
+@app.command(cls=WorkerCommand)
 def evaluate(
     interactions: InteractionsOpt,
     columns: ColumnsOpt = None,
@@ -183,7 +185,7 @@ def _print_evaluation(result: dict) -> None:
     )
 
 
-@models_app.command("list")
+@models_app.command("list", cls=WorkerCommand)
 def models_list() -> None:
     """Bundles under ENCORE_HOME, oldest first; * marks the promoted one."""
     from encore.bundle import list_bundles, promoted_version
@@ -208,7 +210,7 @@ def models_list() -> None:
     print_table(table)
 
 
-@models_app.command("promote")
+@models_app.command("promote", cls=WorkerCommand)
 def models_promote(version: Annotated[str, typer.Argument(help="Bundle version.")]) -> None:
     """Make VERSION the model the next run uses."""
     from encore.bundle import promote
@@ -222,7 +224,17 @@ def main() -> None:
     try:
         app()
     except EncoreError as exc:
-        # Escaped: a bad value such as "[bold]" is data, not markup. Not wrapped: the
-        # "file, line N" message must stay one line to be read, grepped and copied.
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(exc))
+    except ModuleNotFoundError as exc:
+        # Behind WorkerCommand: a command that reaches the batch side without being marked
+        # one still ends in one line in the API image, not in a traceback.
+        if not worker_module_missing(exc):
+            raise
+        _fail(f"{exc}, a worker package: {WHERE}")
+
+
+def _fail(message: str) -> None:
+    # Escaped: a bad value such as "[bold]" is data, not markup. Not wrapped: the
+    # "file, line N" message must stay one line to be read, grepped and copied.
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +14,7 @@ from rich.table import Table
 from encore.console import console, print_table, stage_progress
 from encore.errors import InputError
 from encore.settings import get_settings
+from encore.worker_group import WorkerCommand
 
 runs_app = typer.Typer(help="Inspect published runs and roll back.", no_args_is_help=True)
 db_app = typer.Typer(help="The run-record and feedback database.", no_args_is_help=True)
@@ -25,11 +27,16 @@ def run(
     ] = None,
     kind: Annotated[str, typer.Option(help="manual, scheduled or backfill.")] = "manual",
 ) -> None:
-    """Score every user with the promoted model and publish the run now."""
-    from scheduler.job import run_full
+    """Score every user with the promoted model and publish the run now.
 
-    with stage_progress() as progress:
-        record = run_full(get_settings(), kind=kind, run_id=run_id, progress=progress)
+    SIGTERM or Ctrl-C stops it before its flip: the run is recorded as failed ("stopped"),
+    its keyspace is removed and the run being served stays served.
+    """
+    from scheduler.job import run_full
+    from scheduler.stopping import stop_on_signals
+
+    with stop_on_signals(threading.Event()) as stop, stage_progress() as progress:
+        record = run_full(get_settings(), kind=kind, run_id=run_id, progress=progress, stop=stop)
     _print_run(record)
 
 
@@ -42,18 +49,20 @@ def backfill(
 ) -> None:
     """Rescore some users into the current run, or everyone into a new run (--all)."""
     from scheduler.job import run_backfill, run_full
+    from scheduler.stopping import stop_on_signals
 
     if users is None and not all_users:
         raise typer.BadParameter("give --users FILE or --all")
     if users is not None and all_users:
         raise typer.BadParameter("--users and --all exclude each other")
     settings = get_settings()
-    with stage_progress() as progress:
-        if all_users:
-            record = run_full(settings, kind="backfill", run_id=run_id, progress=progress)
+    ids = None if all_users else read_user_ids(users)
+    options = {"run_id": run_id, "stop": threading.Event()}
+    with stop_on_signals(options["stop"]), stage_progress() as progress:
+        if ids is None:
+            record = run_full(settings, kind="backfill", progress=progress, **options)
         else:
-            ids = read_user_ids(users)
-            record = run_backfill(settings, ids, run_id=run_id, progress=progress)
+            record = run_backfill(settings, ids, progress=progress, **options)
     _print_run(record)
 
 
@@ -93,7 +102,8 @@ def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
         current = store.current()
         records = db.list_runs(limit=limit)
     table = Table()
-    for column in ("", "run", "kind", "status", "model", "users", "cold", "seconds", "drift"):
+    columns = ("", "run", "kind", "status", "target", "model", "users", "cold", "seconds", "drift")
+    for column in columns:
         table.add_column(column, no_wrap=True)
     for r in records:
         table.add_row(
@@ -101,6 +111,7 @@ def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
             r.run_id,
             r.kind,
             r.status,
+            r.target_run_id or "-",
             r.model_version or "-",
             f"{r.users_scored:,}",
             f"{r.cold_users:,}",
@@ -108,7 +119,7 @@ def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
             f"{r.drift_score:.4f}" if r.drift_score is not None else "-",
         )
     print_table(table)
-    console.print("* marks the run being served")
+    console.print("* marks the run being served; a backfill or rollback names its target")
 
 
 @runs_app.command("show")
@@ -124,13 +135,20 @@ def runs_show(run_id: Annotated[str, typer.Argument()]) -> None:
     print(json.dumps(record.as_json(), indent=2))
 
 
-@runs_app.command("rollback")
+@runs_app.command("rollback", cls=WorkerCommand)
 def runs_rollback(run_id: Annotated[str, typer.Argument()]) -> None:
-    """Serve an earlier published run again (within its grace period)."""
+    """Serve an earlier published run again (within its grace period).
+
+    The rollback is a run record of its own (kind rollback, pointing at RUN_ID); RUN_ID's
+    times are left as they were, so the served data's age stays true.
+    """
     from scheduler.job import rollback
 
     record = rollback(get_settings(), run_id)
-    console.print(f"now serving run {record.run_id} (model {record.model_version})")
+    console.print(
+        f"now serving run {record.target_run_id} (model {record.model_version}); "
+        f"recorded as run {record.run_id}"
+    )
 
 
 @db_app.command("upgrade")
@@ -143,7 +161,7 @@ def db_upgrade() -> None:
     console.print(f"applied {', '.join(applied)}" if applied else "the schema is up to date")
 
 
-@feedback_app.command("export")
+@feedback_app.command("export", cls=WorkerCommand)
 def feedback_export(
     since: Annotated[datetime, typer.Option(help="Events created at or after this time (UTC).")],
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],

@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("encore.demo")
 
-DEMO_USERS = 20_000
-DEMO_PLAYLISTS = 4_000
-
 
 def _check_port(host: str, port: int, what: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -111,7 +108,7 @@ def serve(settings: Settings, *, host: str, port: int, metrics: RunMetrics | Non
     from apscheduler.schedulers.background import BackgroundScheduler
     from prometheus_client import start_http_server
 
-    from scheduler.cron import JOB_ID, metrics_registry, nightly
+    from scheduler.cron import Jobs, add_jobs, metrics_registry
 
     _check_port(host, port, "API (--port)")
     _check_port(
@@ -121,18 +118,9 @@ def serve(settings: Settings, *, host: str, port: int, metrics: RunMetrics | Non
     server, thread = start_http_server(
         settings.scheduler_metrics_port, addr=host, registry=metrics.registry
     )
+    jobs = Jobs(settings, metrics)
     scheduler = BackgroundScheduler(timezone=settings.schedule_timezone)
-    scheduler.add_job(
-        nightly,
-        "cron",
-        args=(settings, metrics),
-        id=JOB_ID,
-        coalesce=True,
-        max_instances=1,
-        hour=settings.schedule_time.hour,
-        minute=settings.schedule_time.minute,
-        misfire_grace_time=settings.misfire_grace_seconds,
-    )
+    add_jobs(scheduler, jobs)
     scheduler.start()
     base = f"http://{host}:{port}"
     console.print(
@@ -152,7 +140,8 @@ def serve(settings: Settings, *, host: str, port: int, metrics: RunMetrics | Non
             "model_server.main:app", host=host, port=port, log_level="warning", access_log=False
         )
     finally:
-        scheduler.shutdown(wait=False)
+        jobs.stop.set()  # a run in progress stops before its flip
+        scheduler.shutdown(wait=True)
         server.shutdown()
         thread.join(timeout=5)
         console.print("stopped: API, scheduler and metrics server")

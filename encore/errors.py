@@ -71,3 +71,7 @@ class RunLocked(EncoreError):
 
 class RunFailed(EncoreError):
     """A run stopped before publishing; nothing it wrote is visible."""
+
+
+class RunStopped(RunFailed):
+    """A run stopped on request (SIGTERM or SIGINT) before its flip; the previous run stays."""

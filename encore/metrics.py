@@ -36,6 +36,8 @@ encore_recommended_popularity_decile     histogram  decile (1 = most popular) of
 encore_run_failures_total                counter    label reason
 encore_run_lock_contention_total         counter    runs refused because another held the lock
 encore_runs_total                        counter    labels kind, status
+encore_runs_queued                       gauge      runs queued through the API, not yet claimed
+encore_runs_queued_oldest_timestamp_seconds gauge   when the oldest of them was queued
 =======================================  =========  ==========================================
 """
 
@@ -63,6 +65,8 @@ POPULARITY_DECILE = "encore_recommended_popularity_decile"
 RUN_FAILURES = "encore_run_failures_total"
 LOCK_CONTENTION = "encore_run_lock_contention_total"
 RUNS = "encore_runs_total"
+RUNS_QUEUED = "encore_runs_queued"
+RUNS_QUEUED_OLDEST = "encore_runs_queued_oldest_timestamp_seconds"
 
 # Sub-millisecond store reads up to multi-second stalls.
 LATENCY_BUCKETS = (

@@ -38,7 +38,19 @@ class Settings(BaseSettings):
     run_grace_seconds: int = Field(
         48 * 3600, ge=0, description="How long a replaced run stays readable (rollback window)."
     )
-    run_lock_seconds: int = Field(3600, ge=10, description="Expiry of the Redis run lock.")
+    pending_ttl_seconds: int = Field(
+        6 * 3600,
+        ge=60,
+        description="An unpublished run's keyspace expires this long after its last write.",
+    )
+    store_retry_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="How long a run waits for Redis or the database to come back before it fails.",
+    )
+    queue_poll_seconds: float = Field(
+        5.0, gt=0, description="How often the scheduler looks for runs queued through the API."
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

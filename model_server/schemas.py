@@ -59,5 +59,8 @@ class RunRequest(BaseModel):
 
     kind: Literal["manual", "backfill"] = "manual"
     user_ids: list[Id] | None = Field(
-        None, max_length=1_000_000, description="Backfill only these users into the current run."
+        None,
+        min_length=1,
+        max_length=1_000_000,
+        description="Backfill only these users into the current run (omit for every user).",
     )

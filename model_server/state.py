@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from encore.database import AsyncDatabase
 from encore.errors import NoPublishedRun, StoreUnavailable
@@ -22,7 +21,6 @@ class ServingState:
     settings: Settings
     reader: AsyncOnlineReader
     database: AsyncDatabase
-    children: list[subprocess.Popen] = field(default_factory=list)
     _run: RunInfo | None = None
     _checked_at: float = float("-inf")
     _refresh: asyncio.Task | None = None
@@ -87,7 +85,3 @@ class ServingState:
         self._refresh = None
         if not task.cancelled():
             task.exception()  # retrieved: its waiters got it; none may be left to await it
-
-    def reap_children(self) -> None:
-        """Forget run processes that have finished (they were started detached)."""
-        self.children = [child for child in self.children if child.poll() is None]

@@ -88,12 +88,26 @@ class LastRunCollector(Collector):
         try:
             with self.open_db() as db:
                 run = db.last_published()
+                queued = [r for r in db.open_runs() if r.status == "queued"]
         except Exception as exc:  # a scrape must not fail because the database is down
-            logger.warning("cannot read the last published run for metrics: %s", exc)
+            logger.warning("cannot read the run records for metrics: %s", exc)
             return
+        yield from _queue_gauges(queued)
         if run is None:
             return
         yield from _run_gauges(run)
+
+
+def _queue_gauges(queued: list[RunRecord]) -> Iterator[GaugeMetricFamily]:
+    count = GaugeMetricFamily(names.RUNS_QUEUED, "Runs queued through the API, not yet claimed.")
+    count.add_metric([], len(queued))
+    yield count
+    if queued:
+        oldest = GaugeMetricFamily(
+            names.RUNS_QUEUED_OLDEST, "When the oldest queued run was queued (Unix seconds)."
+        )
+        oldest.add_metric([], min(r.created_at for r in queued).timestamp())
+        yield oldest
 
 
 def _run_gauges(run: RunRecord) -> Iterator[GaugeMetricFamily]:

@@ -1,13 +1,15 @@
-"""The API from no published run to runs it starts itself, over both pairs of stores: 503s
-until a run is published, then `POST /v1/runs` launching real `encore run` / `encore backfill`
-processes whose runs are published and served."""
+"""The API from no published run to runs it asks for, over both pairs of stores: 503s until a
+run is published, then `POST /v1/runs` queueing runs and backfills that a real
+`encore scheduler` process claims, publishes, and the API serves."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -58,27 +60,51 @@ def fresh(request: pytest.FixtureRequest, tmp_path, monkeypatch):
     return settings
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture
-def launched() -> Iterator[list[subprocess.Popen]]:
-    """Run processes started by the API in a test; any still running at its end are stopped."""
-    children: list[subprocess.Popen] = []
-    yield children
-    for child in children:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)  # its own session: it and its pool
-        child.wait(timeout=60)
+def scheduler_process(fresh) -> Iterator[callable]:
+    """Starts `encore scheduler` (the environment's settings) on demand; stopped at the end."""
+    started: list[subprocess.Popen] = []
+    log = fresh.home / "scheduler.log"
+
+    def start() -> subprocess.Popen:
+        env = {
+            **os.environ,
+            "ENCORE_QUEUE_POLL_SECONDS": "0.5",
+            "ENCORE_SCHEDULER_METRICS_PORT": str(_free_port()),
+        }
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "encore", "scheduler"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
 
 
-def _start(api: TestClient, launched: list, body: dict) -> str:
+def _start(api: TestClient, body: dict) -> str:
     response = api.post("/v1/runs", json=body, headers=ADMIN)
     assert response.status_code == 202, response.text
-    launched.append(api.app.state.serving.children[-1])
     started = response.json()
     assert started["kind"] == body.get("kind", "manual") and started["status"] == "queued"
     assert response.headers["location"] == f"/v1/runs/{started['run_id']}"
     record = api.get(response.headers["location"])
     assert record.status_code == 200, record.text
-    assert record.json()["status"] in ("queued", "running", "published")
+    assert record.json()["status"] in ("queued", "running", "publishing", "published")
     return started["run_id"]
 
 
@@ -89,7 +115,7 @@ def _wait_until_finished(api: TestClient, settings, run_id: str) -> dict:
         if record["status"] in ("published", "failed") or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    log = settings.home / "logs" / f"run-{run_id}.log"
+    log = settings.home / "scheduler.log"
     assert record["status"] == "published", (record, log.read_text() if log.exists() else None)
     return record
 
@@ -101,7 +127,7 @@ def _served(api: TestClient, user_ids: list[int]) -> dict:
 
 
 @pytest.mark.slow
-def test_from_no_run_to_runs_started_through_the_api(fresh, launched):
+def test_from_no_run_to_runs_queued_through_the_api(fresh, scheduler_process):
     settings = fresh
     with TestClient(create_app()) as api:
         # Nothing published: alive, not ready, and every read is a JSON 503.
@@ -128,8 +154,12 @@ def test_from_no_run_to_runs_started_through_the_api(fresh, launched):
         assert (ready.json()["status"], ready.json()["run_id"]) == ("ready", first.run_id)
         assert _served(api, [14])["run_id"] == first.run_id
 
-        # POST /v1/runs starts `encore run` in its own process and answers at once.
-        second_id = _start(api, launched, {"kind": "manual"})
+        # POST /v1/runs queues a run and answers at once; the API starts no process.
+        queued_id = _start(api, {"kind": "manual"})
+        assert api.get(f"/v1/runs/{queued_id}").json()["status"] == "queued"
+        # The scheduler, started later, claims it.
+        scheduler = scheduler_process()
+        second_id = queued_id
         assert second_id != first.run_id
         second = _wait_until_finished(api, settings, second_id)
         assert second["kind"] == "manual" and second["model_version"] == VERSION
@@ -150,7 +180,7 @@ def test_from_no_run_to_runs_started_through_the_api(fresh, launched):
             (kept,) = store.read(second_id, [14])
             store.delete_users(second_id, [14])
         assert _served(api, [14])["recommendations"][0]["source"] == "fallback"
-        backfill_id = _start(api, launched, {"kind": "backfill", "user_ids": [14, 7, 123_456_789]})
+        backfill_id = _start(api, {"kind": "backfill", "user_ids": [14, 7, 123_456_789]})
         backfill = _wait_until_finished(api, settings, backfill_id)
         assert backfill["kind"] == "backfill" and backfill["target_run_id"] == second_id
         # 14 and 7 are the model's (7 has no candidates), 123456789 is not.
@@ -166,5 +196,15 @@ def test_from_no_run_to_runs_started_through_the_api(fresh, launched):
         assert served["recommendations"][1]["source"] == "fallback"
         assert served["recommendations"][2]["source"] == "batch"
 
-        for child in launched:
-            assert child.wait(timeout=60) == 0
+        runs = {run["run_id"]: run for run in api.get("/v1/runs").json()["runs"]}
+        assert runs[first.run_id]["status"] == "superseded"
+        assert runs[second_id]["status"] == "published"
+        assert scheduler.poll() is None  # still serving its schedule
+
+
+def test_an_empty_backfill_is_refused_and_queues_nothing(fresh):
+    with TestClient(create_app()) as api:
+        response = api.post("/v1/runs", json={"kind": "backfill", "user_ids": []}, headers=ADMIN)
+        assert response.status_code == 422, response.text
+        assert "user_ids" in json.dumps(error_detail(response))
+        assert api.get("/v1/runs").json() == {"runs": []}

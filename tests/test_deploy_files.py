@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -376,12 +377,10 @@ def test_monitoring_targets_are_compose_services(services: dict[str, Any]) -> No
             assert provider["options"]["path"] == "/var/lib/grafana/dashboards", path.name
 
 
-def test_encore_services_share_one_image_and_the_settings(services: dict[str, Any]) -> None:
-    images = {services[name]["image"] for name in ENCORE_SERVICES}
-    builds = {json.dumps(services[name]["build"], sort_keys=True) for name in ENCORE_SERVICES}
-    assert len(images) == 1 and len(builds) == 1
-    assert json.loads(builds.pop()) in (".", {"context": "."})
+def test_encore_services_share_the_settings(services: dict[str, Any]) -> None:
+    # Two images (test_compose_builds_each_service_from_its_target), one configuration.
     for name in ENCORE_SERVICES:
+        assert services[name].get("init") is True, f"{name}: SIGTERM must reach `encore`"
         env = _environment(services[name])
         assert env["ENCORE_HOME"] == "/data", name
         assert env["ENCORE_REDIS_URL"] == "redis://redis:6379/0", name
@@ -393,6 +392,28 @@ def test_encore_services_share_one_image_and_the_settings(services: dict[str, An
     for name in ("trainer", "scheduler", "model_server"):
         targets = {m["target"]: m.get("source") for m in _volume_mounts(services[name])}
         assert targets.get("/data") == "encore-data", f"{name} does not share encore-data"
+
+
+def _seconds(duration: str) -> float:
+    """A Compose duration (`15s`, `1m30s`, `500ms`) in seconds."""
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+# The scheduler stops a run in progress within this many seconds of SIGTERM (the issue "The
+# run lifecycle as a state machine": the run is marked failed, "stopped").
+RUN_STOP_SECONDS = 10
+
+
+def test_the_scheduler_has_time_to_stop_its_run(services: dict[str, Any]) -> None:
+    grace = _seconds(services["scheduler"]["stop_grace_period"])
+    # Docker sends SIGKILL after the grace period: the run must have stopped cleanly by then,
+    # with a margin for the scoring processes to exit; far more would only slow every redeploy
+    # and hide a stop that takes longer than promised.
+    assert RUN_STOP_SECONDS + 3 <= grace <= 2 * RUN_STOP_SECONDS, grace
+    assert _seconds("1m30s") == 90 and _seconds("500ms") == 0.5
 
 
 def test_encore_settings_in_compose_are_real_and_valid(
@@ -624,6 +645,27 @@ def _stages(instructions: list[Any]) -> list[list[Any]]:
     return stages
 
 
+def _named_stages(instructions: list[Any]) -> dict[str, list[Any]]:
+    """Stages by their `AS` name (every stage of this Dockerfile has one)."""
+    named = {}
+    for stage in _stages(instructions):
+        words = stage[0].value
+        assert len(words) == 3 and words[1].lower() == "as", f"unnamed stage: {stage[0].original}"
+        assert words[2] not in named, f"two stages named {words[2]}"
+        named[words[2]] = stage
+    return named
+
+
+def _chain(instructions: list[Any], name: str) -> list[Any]:
+    """A stage's instructions after those of the stages it is built FROM, oldest first."""
+    named = _named_stages(instructions)
+    chain: list[Any] = []
+    while name in named:
+        chain = named[name] + chain
+        name = named[name][0].value[0]
+    return chain
+
+
 def _runs(stage: list[Any], needle: str) -> list[Any]:
     return [i for i in stage if i.cmd == "RUN" and needle in i.value[0]]
 
@@ -651,15 +693,20 @@ def _dependencies(package: dict[str, Any]) -> set[str]:
     return names
 
 
+# The final targets compose builds, and the stage whose environment each one receives.
+TARGETS = {"api": "api-build", "worker": "worker-build"}
+TARGET_SERVICES = {"api": {"model_server", "migrate"}, "worker": {"trainer", "scheduler"}}
+
+
 def test_dockerfile_is_a_multi_stage_uv_build(instructions: list[Any]) -> None:
-    builder, runtime = _stages(instructions)
+    named = _named_stages(instructions)
+    builder, runtime = named["builder"], named["runtime"]
     base = builder[0].value[0]
     requires = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["requires-python"]
     assert re.fullmatch(r"python:3\.11-slim(-\w+)?", base), base
     assert requires.startswith(">=3.11")
-    # The venv's interpreter is a link into the base image: both stages need the same one.
+    # The venv's interpreter is a link into the base image: builder and runtime need the same.
     assert runtime[0].value[0] == base
-    assert [v.lower() for v in builder[0].value[1:]] == ["as", "builder"]
 
     copy_uv = [i for i in builder if i.cmd == "COPY" and "ghcr.io/astral-sh/uv" in str(i.flags)]
     assert len(copy_uv) == 1
@@ -672,19 +719,28 @@ def test_dockerfile_is_a_multi_stage_uv_build(instructions: list[Any]) -> None:
     )
     assert env["UV_COMPILE_BYTECODE"] == "1" and env["UV_LINK_MODE"] == "copy"
 
-    deps, project = _runs(builder, "uv sync")
-    assert "--locked --no-dev --no-install-project" in deps.value[0]
-    assert {
-        "--mount=type=bind,source=uv.lock,target=uv.lock",
-        "--mount=type=bind,source=pyproject.toml,target=pyproject.toml",
-    } <= set(deps.flags)
-    assert "--no-install-project" not in project.value[0]
-    assert "--locked" in project.value[0] and "--no-dev" in project.value[0]
-    for run in _runs(builder, "uv "):
-        assert "--mount=type=cache,target=/root/.cache/uv" in run.flags, run.original
-    # Dependencies first, then the sources, then the project.
-    order = [i.start_line for i in (deps, *_copies_of_the_context(builder), project)]
-    assert order == sorted(order)
+    for build in TARGETS.values():
+        chain = _chain(instructions, build)
+        assert chain[0] is builder[0], f"{build} is not built from the builder stage"
+        syncs = _runs(chain, "uv sync")
+        (context,) = _copies_of_the_context(chain)
+        deps = [s for s in syncs if s.start_line < context.start_line]
+        projects = [s for s in syncs if s.start_line > context.start_line]
+        # Dependencies first (from the lock alone), then the sources, then the project.
+        assert deps and projects, build
+        for sync in deps:
+            assert "--no-install-project" in shlex.split(sync.value[0]), sync.original
+            assert {
+                "--mount=type=bind,source=uv.lock,target=uv.lock",
+                "--mount=type=bind,source=pyproject.toml,target=pyproject.toml",
+            } <= set(sync.flags), sync.original
+        for sync in projects:
+            assert "--no-install-project" not in shlex.split(sync.value[0]), sync.original
+        for sync in syncs:
+            words = shlex.split(sync.value[0])
+            assert "--locked" in words and "--no-editable" in words, sync.original
+        for run in _runs(chain, "uv "):
+            assert "--mount=type=cache,target=/root/.cache/uv" in run.flags, run.original
 
 
 def _copies_of_the_context(stage: list[Any]) -> list[Any]:
@@ -693,28 +749,51 @@ def _copies_of_the_context(stage: list[Any]) -> list[Any]:
     return copies
 
 
-def test_runtime_stage_is_slim_and_not_root(instructions: list[Any]) -> None:
-    runtime = _stages(instructions)[-1]
-    copies = [i for i in runtime if i.cmd == "COPY"]
-    assert [(c.flags, c.value) for c in copies] == [
-        (("--from=builder",), ("/app/.venv", "/app/.venv"))
-    ], "only the environment leaves the builder"
-    assert not any("uv" in i.value[0].split() for i in runtime if i.cmd == "RUN")
-    users = [i.value[0] for i in runtime if i.cmd == "USER"]
-    assert users and users[-1].split(":")[0] not in ("root", "0")
-    commands = [i for i in runtime if i.cmd == "CMD"]
-    assert commands and commands[-1].json, "CMD in exec form (signals reach the process)"
-    assert not any(i.cmd == "ENTRYPOINT" for i in runtime), "compose sets each command"
+def test_final_stages_are_slim_and_not_root(instructions: list[Any]) -> None:
+    named = _named_stages(instructions)
+    commands = {"api": ["encore", "serve", "--host", "0.0.0.0", "--port", "8000"]}
+    commands["worker"] = ["encore", "scheduler"]
+    for target, build in TARGETS.items():
+        assert named[target][0].value[0] == "runtime", f"{target} is not built on runtime"
+        chain = _chain(instructions, target)
+        copies = [i for i in chain if i.cmd == "COPY"]
+        assert [(c.flags, c.value) for c in copies] == [
+            ((f"--from={build}",), ("/app/.venv", "/app/.venv"))
+        ], f"{target}: only the environment leaves {build}"
+        assert not any("uv" in i.value[0].split() for i in chain if i.cmd == "RUN")
+        users = [i.value[0] for i in chain if i.cmd == "USER"]
+        assert users and users[-1].split(":")[0] not in ("root", "0"), target
+        cmd = [i for i in chain if i.cmd == "CMD"]
+        assert cmd and cmd[-1].json, "CMD in exec form (signals reach the process)"
+        assert list(cmd[-1].value) == commands[target], target
+        assert not any(i.cmd == "ENTRYPOINT" for i in chain), "compose sets each command"
+    # A plain `docker build .` builds the last stage: the API, as before there were two.
+    assert list(named)[-1] == "api"
+
+
+def test_compose_builds_each_service_from_its_target(
+    services: dict[str, Any], instructions: list[Any]
+) -> None:
+    stages = _named_stages(instructions)
+    images = {}
+    for target, names in TARGET_SERVICES.items():
+        assert target in stages, f"compose builds target {target}, which the Dockerfile lacks"
+        for name in names:
+            assert services[name]["build"] == {"context": ".", "target": target}, name
+            images.setdefault(target, set()).add(services[name]["image"])
+    assert set().union(*TARGET_SERVICES.values()) == set(ENCORE_SERVICES)
+    assert all(len(names) == 1 for names in images.values()), images
+    assert images["api"] != images["worker"], "the two images need two names"
 
 
 def test_torch_is_the_locked_version_from_the_cpu_index(instructions: list[Any]) -> None:
-    builder = _stages(instructions)[0]
+    worker = _named_stages(instructions)["worker-build"]
     (torch,) = [p for p in _lock() if p["name"] == "torch"]
-    assert _arg(builder, "TORCH_VERSION") == torch["version"], (
+    assert _arg(worker, "TORCH_VERSION") == torch["version"], (
         "uv.lock's torch changed: update TORCH_VERSION (and the CUDA list) in the Dockerfile"
     )
-    assert _arg(builder, "TORCH_INDEX_URL") == CPU_INDEX
-    (install,) = _runs(builder, "uv pip install")
+    assert _arg(worker, "TORCH_INDEX_URL") == CPU_INDEX
+    (install,) = _runs(_chain(instructions, "worker-build"), "uv pip install")
     words = shlex.split(install.value[0])
     assert "--no-deps" in words
     assert _option_values(install.value[0], "--index-url") == ["${TORCH_INDEX_URL}"]
@@ -725,7 +804,7 @@ def test_torch_is_the_locked_version_from_the_cpu_index(instructions: list[Any])
 
 
 def test_no_cuda_package_of_the_lock_is_installed(instructions: list[Any]) -> None:
-    builder = _stages(instructions)[0]
+    worker = _named_stages(instructions)["worker-build"]
     packages = _lock()
     names = {p["name"] for p in packages}
     cuda = {name for name in names if CUDA_NAME.match(name)}
@@ -735,9 +814,10 @@ def test_no_cuda_package_of_the_lock_is_installed(instructions: list[Any]) -> No
     for package in packages:
         if package["name"] in cuda:
             assert _dependencies(package) <= expected, package["name"]
-    syncs = _runs(builder, "uv sync")
+    syncs = _runs(worker, "uv sync")
     assert len(syncs) == 2
     for sync in syncs:
+        assert _selected_groups(sync.value[0]) == {"worker"}, sync.original
         skipped = _option_values(sync.value[0], "--no-install-package")
         assert len(skipped) == len(set(skipped)), "a package is listed twice"
         assert set(skipped) <= names, f"not in uv.lock: {sorted(set(skipped) - names)}"
@@ -746,7 +826,162 @@ def test_no_cuda_package_of_the_lock_is_installed(instructions: list[Any]) -> No
         )
     # An exact sync after the torch install would uninstall the CPU build.
     assert "--inexact" in shlex.split(syncs[1].value[0])
-    assert all("--no-editable" in shlex.split(s.value[0]) for s in syncs)
+    # Everything else the worker image needs comes from the API's dependency layer, which
+    # installs no CUDA package either (next test).
+    assert _chain(instructions, "worker-build")[0] is _named_stages(instructions)["builder"][0]
+
+
+# --- Dockerfile: what the API image installs, by uv.lock's dependency graph -----------------
+
+# How uv picks dependency groups from these flags (uv's "Default groups" documentation).
+GROUP_FLAGS = {"--no-default-groups", "--group", "--no-group", "--no-dev"}
+UNMODELLED = {"--all-groups", "--only-group", "--only-dev", "--dev", "--extra", "--all-extras"}
+
+
+def _selected_groups(command: str) -> set[str]:
+    words = shlex.split(command)
+    assert not UNMODELLED & set(words), f"extend _selected_groups for {UNMODELLED & set(words)}"
+    uv = tomllib.loads(PYPROJECT.read_text(encoding="utf-8")).get("tool", {}).get("uv", {})
+    defaults = uv.get("default-groups", ["dev"])
+    assert defaults != "all", "extend _selected_groups for default-groups = 'all'"
+    groups = set() if "--no-default-groups" in words else set(defaults)
+    groups |= set(_option_values(command, "--group"))
+    groups -= set(_option_values(command, "--no-group"))
+    if "--no-dev" in words:
+        groups.discard("dev")
+    return groups
+
+
+def _installed_by(packages: list[dict[str, Any]], groups: set[str]) -> set[str]:
+    """Every package a sync of the project with these groups can install, on any platform.
+
+    Markers are ignored (a package needed on some platform counts), extras are followed.
+    """
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for package in packages:
+        by_name.setdefault(package["name"], []).append(package)
+    (project,) = by_name["encore"]
+    pending = list(project.get("dependencies", []))
+    for group in groups:
+        pending += project.get("dev-dependencies", {})[group]
+    seen: set[tuple[str, str | None]] = set()
+    while pending:
+        dependency = pending.pop()
+        for extra in (None, *dependency.get("extra", [])):
+            if (dependency["name"], extra) in seen:
+                continue
+            seen.add((dependency["name"], extra))
+            for package in by_name[dependency["name"]]:
+                if extra is None:
+                    pending += package.get("dependencies", [])
+                else:
+                    pending += package.get("optional-dependencies", {}).get(extra, [])
+    return {name for name, _ in seen}
+
+
+def _worker_only(packages: list[dict[str, Any]]) -> set[str]:
+    """What the API image must never contain: the worker group and the CUDA stack."""
+    worker = {dep["name"] for dep in _project(packages)["dev-dependencies"]["worker"]}
+    cuda = {p["name"] for p in packages if CUDA_NAME.match(p["name"])}
+    assert {"torch", "faiss-cpu", "scipy"} <= worker
+    return worker | cuda
+
+
+def _project(packages: list[dict[str, Any]]) -> dict[str, Any]:
+    (project,) = [p for p in packages if p["name"] == "encore"]
+    return project
+
+
+def test_the_api_image_installs_no_worker_package(instructions: list[Any]) -> None:
+    packages = _lock()
+    forbidden = _worker_only(packages)
+    syncs = _runs(_chain(instructions, "api-build"), "uv sync")
+    assert len(syncs) == 2
+    for sync in syncs:
+        assert set(shlex.split(sync.value[0])) & GROUP_FLAGS <= {"--no-default-groups"}
+        groups = _selected_groups(sync.value[0])
+        assert groups == set(), f"the API image installs the groups {groups}"
+        pulled = _installed_by(packages, groups) & forbidden
+        assert not pulled, f"the API image would install {sorted(pulled)}"
+    # The walk sees what it must: with the worker group, torch and its CUDA stack.
+    assert forbidden <= _installed_by(packages, {"worker"})
+
+
+def test_a_dependency_that_drags_torch_into_the_api_image_is_found() -> None:
+    packages = copy.deepcopy(_lock())
+    (rich,) = [p for p in packages if p["name"] == "rich"]
+    rich.setdefault("dependencies", []).append({"name": "torch"})
+    assert {"torch", "triton"} <= _installed_by(packages, set())
+    # Through an extra too: uvicorn[standard] is how the project asks for uvloop.
+    packages = copy.deepcopy(_lock())
+    (uvicorn,) = [p for p in packages if p["name"] == "uvicorn"]
+    uvicorn["optional-dependencies"]["standard"].append({"name": "scipy"})
+    assert "scipy" in _installed_by(packages, set())
+
+
+def _uv() -> str:
+    found = os.environ.get("UV") or shutil.which("uv")
+    if not found:
+        _tool_missing("uv", "no UV variable (set by `uv run`) and no uv on PATH")
+    return found  # type: ignore[return-value]
+
+
+def test_uv_itself_agrees_on_what_the_api_image_installs(instructions: list[Any]) -> None:
+    """`uv export` with the API syncs' group flags lists exactly what the walk above finds."""
+    (project_sync,) = _runs(_named_stages(instructions)["api-build"], "uv sync")
+    words = shlex.split(project_sync.value[0])
+    flags = [w for w in words if w in GROUP_FLAGS]
+    result = subprocess.run(
+        [_uv(), "export", "--locked", "--offline", "--no-hashes", "--no-emit-project", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    exported = {
+        re.split(r"[\s=\[;]", line, maxsplit=1)[0]
+        for line in result.stdout.splitlines()
+        if line and not line.startswith(("#", " "))
+    }
+    packages = _lock()
+    assert exported == _installed_by(packages, _selected_groups(project_sync.value[0]))
+    assert not exported & _worker_only(packages)
+
+
+# Uncompressed size of the API image's environment layer; 75.6 MB on 2026-11-29 (README).
+API_ENV_BUDGET_MB = 100
+
+
+@pytest.mark.slow
+def test_the_api_stage_builds_with_uv_and_stays_small(
+    instructions: list[Any], tmp_path: Path
+) -> None:
+    """The API build stage's own commands, run here by bench/images.py, including its check.
+
+    That check imports the app and fails if any worker package is in the environment.
+    """
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "images.py"), "--target", "api", "--keep", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    measured = json.loads(result.stdout)
+    site = next((tmp_path / "api" / ".venv" / "lib").glob("python3*/site-packages"))
+    installed = {
+        re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        for dist in importlib.metadata.distributions(path=[str(site)])
+    }
+    assert {"encore", "fastapi", "uvicorn", "psycopg"} <= installed
+    assert not installed & _worker_only(_lock()), installed & _worker_only(_lock())
+    assert measured["api_env_mb"] <= API_ENV_BUDGET_MB, (
+        f"the API environment grew to {measured['api_env_mb']} MB: if that is intended, update "
+        "the budget here and the figures in README.md"
+    )
 
 
 # --- .dockerignore ---------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def test_a_run_is_invisible_until_published(backend) -> None:
         _write_run(store, "r1", {1: b"[1,2,3]", 2: b"[4,5,6]"})
         assert store.current() is None
         assert store.count("r1") == 2
-        store.publish("r1", expected_lists=2, grace_seconds=60)
+        store.publish("r1", users_total=2, cold_users=0, grace_seconds=60)
         current = store.current()
         assert current is not None and current.run_id == "r1"
         assert current.model_version == "m1" and current.top_n == 3
@@ -76,19 +76,21 @@ def test_a_run_is_invisible_until_published(backend) -> None:
 def test_publish_refuses_incomplete_coverage_and_keeps_the_old_run(backend) -> None:
     with _store(backend) as store:
         _write_run(store, "r1", {1: b"[1]"})
-        store.publish("r1", expected_lists=1, grace_seconds=60)
+        store.publish("r1", users_total=1, cold_users=0, grace_seconds=60)
         _write_run(store, "r2", {1: b"[2]"}, model="m2")
-        with pytest.raises(RunFailed, match="wrote 1 lists but 2 were expected"):
-            store.publish("r2", expected_lists=2, grace_seconds=60)
+        with pytest.raises(RunFailed, match="holds 1 lists and 0 cold users, but 2 users"):
+            store.publish("r2", users_total=2, cold_users=0, grace_seconds=60)
         assert store.current().run_id == "r1"
+        store.publish("r2", users_total=3, cold_users=2, grace_seconds=60)  # 1 list + 2 cold
+        assert store.current().run_id == "r2"
 
 
 def test_flip_keeps_the_previous_run_readable_and_rollback_restores_it(backend) -> None:
     with _store(backend) as store:
         _write_run(store, "r1", {1: b"[1]"})
-        store.publish("r1", expected_lists=1, grace_seconds=60)
+        store.publish("r1", users_total=1, cold_users=0, grace_seconds=60)
         _write_run(store, "r2", {1: b"[2]"}, model="m2")
-        store.publish("r2", expected_lists=1, grace_seconds=60)
+        store.publish("r2", users_total=1, cold_users=0, grace_seconds=60)
         assert store.current().run_id == "r2"
         assert store.read("r1", [1]) == [b"[1]"]  # in-flight readers of r1 still get answers
         store.rollback("r1", grace_seconds=60)
@@ -99,11 +101,11 @@ def test_flip_keeps_the_previous_run_readable_and_rollback_restores_it(backend) 
 def test_a_replaced_run_expires_after_its_grace_period(backend) -> None:
     with _store(backend) as store:
         _write_run(store, "r1", {1: b"[1]"})
-        store.publish("r1", expected_lists=1, grace_seconds=60)
+        store.publish("r1", users_total=1, cold_users=0, grace_seconds=60)
         _write_run(store, "r2", {1: b"[2]"})
-        store.publish("r2", expected_lists=1, grace_seconds=1)
+        store.publish("r2", users_total=1, cold_users=0, grace_seconds=1)
         _write_run(store, "r3", {1: b"[3]"})
-        store.publish("r3", expected_lists=1, grace_seconds=1)
+        store.publish("r3", users_total=1, cold_users=0, grace_seconds=1)
         time.sleep(2.2)
         # SQLite purges expired runs when the next run begins; Redis expires the keys itself.
         _write_run(store, "r4", {1: b"[4]"})
@@ -124,7 +126,7 @@ def test_discard_removes_an_unpublished_run(backend) -> None:
 def test_backfill_writes_into_the_published_run_and_delete_falls_back(backend) -> None:
     with _store(backend) as store:
         _write_run(store, "r1", {1: b"[1]", 2: b"[2]"})
-        store.publish("r1", expected_lists=2, grace_seconds=60)
+        store.publish("r1", users_total=2, cold_users=0, grace_seconds=60)
         store.write_batch("r1", [2, 3], [b"[20]", b"[30]"])
         store.delete_users("r1", [1])
         assert store.read("r1", [1, 2, 3]) == [None, b"[20]", b"[30]"]
@@ -133,7 +135,7 @@ def test_backfill_writes_into_the_published_run_and_delete_falls_back(backend) -
 def test_async_reader_sees_what_the_writer_published(backend) -> None:
     with _store(backend) as store:
         _write_run(store, "r1", {1: b"[1,2]", 5: b"[3]"})
-        store.publish("r1", expected_lists=2, grace_seconds=60)
+        store.publish("r1", users_total=2, cold_users=0, grace_seconds=60)
 
     async def read() -> tuple:
         reader = _reader(backend)
@@ -162,5 +164,66 @@ def test_redis_run_keys_share_a_hash_tag_and_expire_while_pending(redis_url: str
         keys = sorted(k.decode() for k in client.keys(f"{prefix}:run:*"))
         assert keys == [f"{prefix}:run:{{r1}}:{part}" for part in ("meta", "names", "recs")]
         assert all(0 < client.ttl(k) <= 6 * 3600 for k in keys)  # an abandoned run vanishes
-        store.publish("r1", expected_lists=1, grace_seconds=60)
+        store.publish("r1", users_total=1, cold_users=0, grace_seconds=60)
         assert all(client.ttl(k) == -1 for k in keys)  # published: kept
+
+
+def test_every_write_pushes_back_the_expiry_of_all_a_pending_runs_keys(redis_url: str) -> None:
+    import redis
+
+    prefix = _prefix()
+    client = redis.Redis.from_url(redis_url)
+    with RedisOnlineStore(redis_url, prefix=prefix, pending_ttl_seconds=600) as store:
+        _write_run(store, "r1", {1: b"[1]"})
+        keys = [k.decode() for k in client.keys(f"{prefix}:run:*")]
+        for key in keys:
+            client.expire(key, 5)  # as if the run had been writing for a long time
+        store.write_batch("r1", [2], [b"[2]"])
+        assert all(500 < client.ttl(k) <= 600 for k in keys), {k: client.ttl(k) for k in keys}
+
+
+def test_publish_again_is_a_no_op_that_still_expires_the_predecessor(backend) -> None:
+    """A flip retried after its reply was lost finds `current` moved already: it changes
+    nothing, and the predecessor recorded by the first flip still gets its grace period."""
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1]"})
+        store.publish("r1", users_total=1, cold_users=0, grace_seconds=60)
+        _write_run(store, "r2", {1: b"[2]"})
+        store.publish("r2", users_total=1, cold_users=0, grace_seconds=60)
+        first = store.current()
+        store.expire("r1", 10**6)  # NX: r1 expires already, so nothing changes
+        store.publish("r2", users_total=1, cold_users=0, grace_seconds=60)
+        assert store.current() == first
+        runs = {run.run_id: run for run in store.runs()}
+        assert runs["r2"].expires_in is None
+        assert 0 < runs["r1"].expires_in <= 60
+
+
+def test_rollback_keeps_the_first_publication_time(backend) -> None:
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1]"})
+        store.publish("r1", users_total=1, cold_users=0, grace_seconds=60)
+        published = store.current().published_at
+        _write_run(store, "r2", {1: b"[2]"})
+        store.publish("r2", users_total=1, cold_users=0, grace_seconds=60)
+        time.sleep(0.01)
+        info = store.rollback("r1", grace_seconds=60)
+        assert store.current().published_at == published == info.published_at
+        runs = {run.run_id: run for run in store.runs()}
+        assert runs["r1"].expires_in is None and 0 < runs["r2"].expires_in <= 60
+
+
+def test_runs_lists_every_keyspace_and_expire_sets_only_a_missing_expiry(backend) -> None:
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1]"})
+        store.publish("r1", users_total=1, cold_users=0, grace_seconds=60)
+        _write_run(store, "pending", {1: b"[2]"})
+        runs = {run.run_id: run for run in store.runs()}
+        assert set(runs) == {"r1", "pending"}
+        assert runs["r1"].published_at is not None and runs["r1"].expires_in is None
+        assert runs["pending"].published_at is None and runs["pending"].expires_in > 0
+        store.expire("r1", 30)
+        store.expire("r1", 10**6)
+        assert 0 < {run.run_id: run for run in store.runs()}["r1"].expires_in <= 30
+        store.discard("pending")
+        assert {run.run_id for run in store.runs()} == {"r1"}

@@ -24,6 +24,7 @@ EXPECTED_ALERTS = {
     "EncoreApi5xxRatio",
     "EncoreApiLatencyP99",
     "EncoreNoPublishedRun",
+    "EncoreQueuedRunWaiting",
     "EncoreColdFractionHigh",
     "EncoreDriftHigh",
     "EncoreFeedbackFailures",

@@ -14,7 +14,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from encore.database import RunRecord, open_database
 from encore.settings import Settings
-from scheduler.cron import JOB_ID, build_scheduler, metrics_registry, needs_catch_up, nightly
+from scheduler.cron import (
+    JOB_ID,
+    QUEUE_JOB_ID,
+    UPKEEP_JOB_ID,
+    Jobs,
+    build_scheduler,
+    metrics_registry,
+    needs_catch_up,
+    nightly,
+)
 from scheduler.drift import compare_runs, psi
 from scheduler.worker import encode_lists, popularity_deciles
 from tests.support import publish_random_run
@@ -56,7 +65,7 @@ def _published(settings: Settings, finished: datetime) -> None:
 
 def test_the_nightly_job_uses_the_configured_cron_and_options(settings: Settings) -> None:
     _published(settings, datetime.now(UTC) - timedelta(hours=2))
-    scheduler = build_scheduler(settings, metrics_registry(settings))
+    scheduler = build_scheduler(settings, Jobs(settings, metrics_registry(settings)))
     job = scheduler.get_job(JOB_ID)
     assert isinstance(job.trigger, CronTrigger)
     fields = {f.name: str(f) for f in job.trigger.fields}
@@ -65,6 +74,10 @@ def test_the_nightly_job_uses_the_configured_cron_and_options(settings: Settings
     assert job.coalesce is True and job.max_instances == 1
     assert job.misfire_grace_time == 7200
     assert scheduler.get_job("catch-up") is None  # a run finished two hours ago
+    queue = scheduler.get_job(QUEUE_JOB_ID)  # runs queued through the API
+    assert queue.trigger.interval.total_seconds() == settings.queue_poll_seconds
+    assert queue.max_instances == 1 and queue.coalesce is True
+    assert scheduler.get_job(UPKEEP_JOB_ID) is not None
 
 
 @pytest.mark.parametrize("age", [None, timedelta(days=2)])
@@ -72,7 +85,7 @@ def test_a_missing_or_old_run_is_caught_up_at_start(settings: Settings, age) -> 
     if age is not None:
         _published(settings, datetime.now(UTC) - age)
     assert needs_catch_up(settings)
-    scheduler = build_scheduler(settings, metrics_registry(settings))
+    scheduler = build_scheduler(settings, Jobs(settings, metrics_registry(settings)))
     assert scheduler.get_job("catch-up") is not None
 
 
@@ -85,6 +98,21 @@ def test_metrics_describe_the_last_published_run(settings: Settings) -> None:
     assert values["encore_run_cold_fraction"] == pytest.approx(0.2)
     assert values["encore_run_duration_seconds"] == 3.5
     assert values["encore_run_drift_score"] == 0.01
+
+
+def test_metrics_count_the_runs_waiting_in_the_queue(settings: Settings) -> None:
+    assert _samples(metrics_registry(settings))["encore_runs_queued"] == 0
+    first = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+    with open_database(settings) as db:
+        db.enqueue_run(RunRecord("q-old", "manual", "queued", created_at=first))
+        db.enqueue_run(
+            RunRecord("q-new", "backfill", "queued", created_at=first + timedelta(minutes=3)),
+            [7],
+        )
+        db.create_run(RunRecord("r-running", "manual", "running", created_at=first))
+    values = _samples(metrics_registry(settings))
+    assert values["encore_runs_queued"] == 2
+    assert values["encore_runs_queued_oldest_timestamp_seconds"] == first.timestamp()
 
 
 def _samples(metrics) -> dict[str, float]:

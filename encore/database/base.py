@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from importlib import resources
 from typing import Any
 
-RUN_KINDS = ("scheduled", "manual", "backfill")
-RUN_STATUSES = ("queued", "running", "published", "failed")
+# Run states: queued -> running -> publishing -> published | failed, and superseded once a
+# later run is published. A record is "open" until it reaches one of the other states.
+OPEN_STATUSES = ("queued", "running", "publishing")
 
 
 @dataclass
@@ -25,7 +26,7 @@ class RunRecord:
     kind: str
     status: str
     model_version: str | None = None
-    target_run_id: str | None = None  # a backfill writes into this published run
+    target_run_id: str | None = None  # a backfill writes into it; a rollback serves it again
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -37,6 +38,8 @@ class RunRecord:
     drift_pvalue: float | None = None
     popularity_deciles: list[int] | None = None
     error: str | None = None
+    published_at: datetime | None = None  # when its flip made it current the first time
+    owner: str | None = None  # host and pid of the process that ran it
 
     @property
     def cold_fraction(self) -> float | None:
@@ -96,6 +99,18 @@ def migrations(dialect: str) -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+class RunLock(ABC):
+    """The held run lock."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise :class:`~encore.errors.RunLocked` if the lock was lost and cannot be had back.
+
+        A database restart ends the session that held it; until the flip, a run that lost its
+        lock takes it again or stops, so that only one run ever flips ``current``.
+        """
+
+
 class Database(ABC):
     """Synchronous side: the batch job, the scheduler and the CLI."""
 
@@ -122,7 +137,33 @@ class Database(ABC):
         """The most recently finished published run (full runs only, by default)."""
 
     @abstractmethod
-    def run_lock(self, owner: str) -> AbstractContextManager[None]:
+    def enqueue_run(self, record: RunRecord, user_ids: Sequence[int] | None = None) -> None:
+        """Insert a queued record (and the users of a backfill) in one transaction."""
+
+    @abstractmethod
+    def claim_run(self, run_id: str, **values: Any) -> bool:
+        """Move a queued record to running with ``values``; False if it is not queued."""
+
+    @abstractmethod
+    def next_queued(self) -> RunRecord | None:
+        """The oldest queued record."""
+
+    @abstractmethod
+    def open_runs(self) -> list[RunRecord]:
+        """Every queued, running or publishing record, however old, oldest first."""
+
+    @abstractmethod
+    def requested_users(self, run_id: str) -> list[int] | None:
+        """The user ids a queued backfill was asked for; None for a full run."""
+
+    @abstractmethod
+    def record_flip(self, run_id: str, *, served: str, **values: Any) -> None:
+        """After a flip, in one transaction: ``run_id`` is published (with ``values``), the
+        run whose keyspace is ``served`` is published, every other published full run is
+        superseded."""
+
+    @abstractmethod
+    def run_lock(self, owner: str) -> AbstractContextManager[RunLock]:
         """Hold the cluster-wide run lock; raise :class:`~encore.errors.RunLocked` if taken."""
 
     @abstractmethod
@@ -158,7 +199,8 @@ class AsyncDatabase(ABC):
         """
 
     @abstractmethod
-    async def create_run(self, record: RunRecord) -> None: ...
+    async def enqueue_run(self, record: RunRecord, user_ids: Sequence[int] | None = None) -> None:
+        """Insert a queued record (and the users of a backfill) in one transaction."""
 
     @abstractmethod
     async def get_run(self, run_id: str) -> RunRecord | None: ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -19,6 +19,7 @@ from encore.database.base import (
     Database,
     FeedbackConflict,
     FeedbackEvent,
+    RunLock,
     RunRecord,
     migrations,
 )
@@ -39,6 +40,7 @@ VALUES (%s, %s, %s, %s, %s, %s)
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
+INSERT_REQUEST = "INSERT INTO run_requests (run_id, user_ids) VALUES (%s, %s)"
 SELECT_FEEDBACK = (
     "SELECT event_id, user_id, run_id, liked_playlist_id, shown_playlist_ids, model_version,"
     " created_at FROM feedback"
@@ -160,25 +162,63 @@ class PostgresDatabase(Database):
             ).fetchone()
         return _run_from_row(row) if row else None
 
+    def enqueue_run(self, record: RunRecord, user_ids: Sequence[int] | None = None) -> None:
+        values = _run_values(record)
+        with self._conn() as conn, conn.transaction():
+            conn.execute(_insert_run_sql(values), values)
+            if user_ids is not None:
+                conn.execute(INSERT_REQUEST, (record.run_id, list(user_ids)))
+
+    def claim_run(self, run_id: str, **values: Any) -> bool:
+        sql = _update_sql({**values, "status": "running"}) + " AND status = 'queued'"
+        with self._conn() as conn:
+            cursor = conn.execute(sql, {**_adapt(values), "status": "running", "_id": run_id})
+            return cursor.rowcount == 1
+
+    def next_queued(self) -> RunRecord | None:
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT * FROM runs WHERE status = 'queued' ORDER BY created_at LIMIT 1"
+            ).fetchone()
+        return _run_from_row(row) if row else None
+
+    def open_runs(self) -> list[RunRecord]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT * FROM runs WHERE status IN ('queued', 'running', 'publishing') "
+                "ORDER BY created_at"
+            ).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def requested_users(self, run_id: str) -> list[int] | None:
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT user_ids FROM run_requests WHERE run_id = %s", (run_id,)
+            ).fetchone()
+        return list(row["user_ids"]) if row else None
+
+    def record_flip(self, run_id: str, *, served: str, **values: Any) -> None:
+        values = {**values, "status": "published"}
+        with self._conn() as conn, conn.transaction():
+            conn.execute(_update_sql(values), {**_adapt(values), "_id": run_id})
+            conn.execute(
+                "UPDATE runs SET status = 'published' WHERE run_id = %s AND status = 'superseded'",
+                (served,),
+            )
+            conn.execute(
+                "UPDATE runs SET status = 'superseded' WHERE status = 'published'"
+                " AND target_run_id IS NULL AND run_id <> %s",
+                (served,),
+            )
+
     @contextmanager
-    def run_lock(self, owner: str) -> Iterator[None]:
-        # A session-level advisory lock on a dedicated connection: if this process dies,
-        # Postgres drops the session and the lock with it.
+    def run_lock(self, owner: str) -> Iterator[RunLock]:
+        lock = _AdvisoryLock(self.url, owner)
+        lock.acquire()
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
-        with conn:
-            (got,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
-            if not got:
-                raise RunLocked(
-                    "another run holds the run lock (Postgres advisory lock "
-                    f"{RUN_LOCK_KEY}); refusing to start run {owner!r}"
-                )
-            try:
-                yield
-            finally:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
+            yield lock
+        finally:
+            lock.release()
 
     def feedback_since(
         self, since: datetime, *, chunk: int = 10_000
@@ -296,9 +336,15 @@ class AsyncPostgresDatabase(AsyncDatabase):
             raise FeedbackConflict(str(event.event_id))
         return False
 
-    async def create_run(self, record: RunRecord) -> None:
+    async def enqueue_run(self, record: RunRecord, user_ids: Sequence[int] | None = None) -> None:
         values = _run_values(record)
-        await self._fetch(_insert_run_sql(values), values)
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                await conn.execute(_insert_run_sql(values), values)
+                if user_ids is not None:
+                    await conn.execute(INSERT_REQUEST, (record.run_id, list(user_ids)))
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         row = await self._fetch("SELECT * FROM runs WHERE run_id = %s", (run_id,), one=True)
@@ -313,6 +359,59 @@ class AsyncPostgresDatabase(AsyncDatabase):
 
     async def aclose(self) -> None:
         await self.pool.close()
+
+
+class _AdvisoryLock(RunLock):
+    """A session-level advisory lock on a connection of its own: if the process dies,
+    Postgres ends the session and frees the lock with it."""
+
+    def __init__(self, url: str, owner: str) -> None:
+        self.url = url
+        self.owner = owner
+        self.conn: psycopg.Connection | None = None
+
+    def acquire(self) -> None:
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+        try:
+            (got,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
+        except psycopg.OperationalError as exc:
+            conn.close()
+            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+        if not got:
+            conn.close()
+            raise RunLocked(
+                "another run holds the run lock (Postgres advisory lock "
+                f"{RUN_LOCK_KEY}); refusing to start run {self.owner!r}"
+            )
+        self.conn = conn
+
+    def check(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            try:
+                self.conn.execute("SELECT 1")
+                return
+            except psycopg.OperationalError:
+                pass  # the session ended (a restart of Postgres): the lock went with it
+        logger.warning("the run lock's session ended; taking the lock again for %s", self.owner)
+        self.release()
+        try:
+            self.acquire()
+        except RunLocked as exc:
+            raise RunLocked(f"run {self.owner!r} lost the run lock to another run") from exc
+
+    def release(self) -> None:
+        if self.conn is None:
+            return
+        conn, self.conn = self.conn, None
+        try:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (RUN_LOCK_KEY,))
+        except psycopg.Error:
+            pass  # a dead session holds nothing
+        finally:
+            conn.close()
 
 
 def _safe(url: str) -> str:

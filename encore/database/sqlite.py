@@ -8,7 +8,7 @@ import functools
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -21,12 +21,13 @@ from encore.database.base import (
     Database,
     FeedbackConflict,
     FeedbackEvent,
+    RunLock,
     RunRecord,
     migrations,
 )
 from encore.errors import DATABASE, RunLocked, StoreUnavailable
 
-TIME_FIELDS = ("created_at", "started_at", "finished_at")
+TIME_FIELDS = ("created_at", "started_at", "finished_at", "published_at")
 
 
 def _connect(path: Path, *, busy_timeout_seconds: float = 30.0) -> sqlite3.Connection:
@@ -87,6 +88,33 @@ def _insert_run(conn: sqlite3.Connection, record: RunRecord) -> None:
     )
 
 
+def _update_run(
+    conn: sqlite3.Connection, run_id: str, values: dict[str, Any], *, where: str = ""
+) -> int:
+    unknown = set(values) - set(RUN_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown run record fields: {sorted(unknown)}")
+    assignments = ", ".join(f"{k} = ?" for k in values)
+    cursor = conn.execute(
+        f"UPDATE runs SET {assignments} WHERE run_id = ?{where}",
+        [_to_text(v) for v in values.values()] + [run_id],
+    )
+    return cursor.rowcount
+
+
+def _enqueue_run(
+    conn: sqlite3.Connection, record: RunRecord, user_ids: Sequence[int] | None
+) -> None:
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        _insert_run(conn, record)
+        if user_ids is not None:
+            conn.execute(
+                "INSERT INTO run_requests VALUES (?, ?)",
+                (record.run_id, json.dumps([int(u) for u in user_ids])),
+            )
+
+
 def _list_runs(conn: sqlite3.Connection, limit: int) -> list[RunRecord]:
     rows = conn.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,))
     return [_run_from_row(r) for r in rows]
@@ -95,6 +123,11 @@ def _list_runs(conn: sqlite3.Connection, limit: int) -> list[RunRecord]:
 def _get_run(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
     row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
     return _run_from_row(row) if row else None
+
+
+class _FileLock(RunLock):
+    def check(self) -> None:
+        """A lock on an open file descriptor cannot be lost while the process lives."""
 
 
 class SQLiteDatabase(Database):
@@ -131,14 +164,7 @@ class SQLiteDatabase(Database):
         _insert_run(self.conn, record)
 
     def update_run(self, run_id: str, **values: Any) -> None:
-        unknown = set(values) - set(RUN_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown run record fields: {sorted(unknown)}")
-        assignments = ", ".join(f"{k} = ?" for k in values)
-        self.conn.execute(
-            f"UPDATE runs SET {assignments} WHERE run_id = ?",
-            [_to_text(v) for v in values.values()] + [run_id],
-        )
+        _update_run(self.conn, run_id, values)
 
     def get_run(self, run_id: str) -> RunRecord | None:
         return _get_run(self.conn, run_id)
@@ -154,8 +180,48 @@ class SQLiteDatabase(Database):
         ).fetchone()
         return _run_from_row(row) if row else None
 
+    def enqueue_run(self, record: RunRecord, user_ids: Sequence[int] | None = None) -> None:
+        _enqueue_run(self.conn, record, user_ids)
+
+    def claim_run(self, run_id: str, **values: Any) -> bool:
+        values = {**values, "status": "running"}
+        return _update_run(self.conn, run_id, values, where=" AND status = 'queued'") == 1
+
+    def next_queued(self) -> RunRecord | None:
+        row = self.conn.execute(
+            "SELECT * FROM runs WHERE status = 'queued' ORDER BY created_at LIMIT 1"
+        ).fetchone()
+        return _run_from_row(row) if row else None
+
+    def open_runs(self) -> list[RunRecord]:
+        rows = self.conn.execute(
+            "SELECT * FROM runs WHERE status IN ('queued', 'running', 'publishing') "
+            "ORDER BY created_at"
+        )
+        return [_run_from_row(r) for r in rows]
+
+    def requested_users(self, run_id: str) -> list[int] | None:
+        row = self.conn.execute(
+            "SELECT user_ids FROM run_requests WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def record_flip(self, run_id: str, *, served: str, **values: Any) -> None:
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            _update_run(self.conn, run_id, {**values, "status": "published"})
+            self.conn.execute(
+                "UPDATE runs SET status = 'published' WHERE run_id = ? AND status = 'superseded'",
+                (served,),
+            )
+            self.conn.execute(
+                "UPDATE runs SET status = 'superseded' WHERE status = 'published'"
+                " AND target_run_id IS NULL AND run_id <> ?",
+                (served,),
+            )
+
     @contextmanager
-    def run_lock(self, owner: str) -> Iterator[None]:
+    def run_lock(self, owner: str) -> Iterator[RunLock]:
         # flock is released by the kernel when the holder dies, like an advisory lock.
         lock_path = self.path.with_name("run.lock")
         with lock_path.open("a+") as handle:
@@ -166,7 +232,7 @@ class SQLiteDatabase(Database):
                     f"another run holds the run lock ({lock_path}); refusing to start run {owner!r}"
                 ) from exc
             try:
-                yield
+                yield _FileLock()
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -252,8 +318,8 @@ class AsyncSQLiteDatabase(AsyncDatabase):
 
         return await self._run(insert)
 
-    async def create_run(self, record: RunRecord) -> None:
-        await self._run(_insert_run, record)
+    async def enqueue_run(self, record: RunRecord, user_ids: Sequence[int] | None = None) -> None:
+        await self._run(_enqueue_run, record, user_ids)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         return await self._run(_get_run, run_id)
@@ -262,7 +328,7 @@ class AsyncSQLiteDatabase(AsyncDatabase):
         return await self._run(_list_runs, limit)
 
     async def ping(self, *, timeout_seconds: float | None = None) -> None:
-        # A connection is always at hand: the timeout is the caller's (asyncio.wait_for).
+        # A connection is always at hand: the wait is bounded by the caller (/readyz).
         await self._run(lambda c: c.execute("SELECT 1").fetchone())
 
     async def aclose(self) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo, truncate
+from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo, StoredRun, truncate
 from encore.settings import Settings
 
 __all__ = [
     "AsyncOnlineReader",
     "OnlineStore",
     "RunInfo",
+    "StoredRun",
     "open_online_reader",
     "open_online_store",
     "truncate",
@@ -19,10 +20,16 @@ def open_online_store(settings: Settings) -> OnlineStore:
     if settings.redis_url:
         from encore.online.redis_store import RedisOnlineStore
 
-        return RedisOnlineStore(settings.redis_url, prefix=settings.redis_prefix)
+        return RedisOnlineStore(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            pending_ttl_seconds=settings.pending_ttl_seconds,
+        )
     from encore.online.sqlite_store import SQLiteOnlineStore
 
-    return SQLiteOnlineStore(settings.sqlite_online_path)
+    return SQLiteOnlineStore(
+        settings.sqlite_online_path, pending_ttl_seconds=settings.pending_ttl_seconds
+    )
 
 
 def open_online_reader(settings: Settings) -> AsyncOnlineReader:

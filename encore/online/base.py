@@ -24,7 +24,16 @@ class RunInfo:
     users: int  # lists written (cold users are not written: they read the fallback)
     fallback: bytes  # JSON bytes of the run's popularity list
     created_at: float  # epoch seconds
-    published_at: float | None  # None while the run is being written
+    published_at: float | None  # first publication; None while the run is being written
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A run keyspace as the store holds it, for the sweep of abandoned ones."""
+
+    run_id: str
+    published_at: float | None
+    expires_in: float | None  # seconds until the store removes it; None: kept for good
 
 
 def truncate(payload: bytes, n: int) -> bytes:
@@ -47,9 +56,9 @@ class OnlineStore(ABC):
         top_n: int,
         fallback: bytes,
         names: dict[int, str] | None = None,
-        pending_ttl_seconds: int = 6 * 3600,
     ) -> None:
-        """Create the run's keyspace (invisible until published, expiring if abandoned)."""
+        """Create the run's keyspace: invisible until published, and removed by the store
+        when nothing was written into it for the store's pending TTL (an abandoned run)."""
 
     @abstractmethod
     def write_batch(self, run_id: str, user_ids: Sequence[int], payloads: Sequence[bytes]) -> None:
@@ -64,11 +73,16 @@ class OnlineStore(ABC):
         """Lists written into the run's keyspace."""
 
     @abstractmethod
-    def publish(self, run_id: str, *, expected_lists: int, grace_seconds: int) -> None:
-        """Verify coverage, then flip ``current`` to the run atomically.
+    def publish(
+        self, run_id: str, *, users_total: int, cold_users: int, grace_seconds: int
+    ) -> None:
+        """Verify coverage, then flip ``current`` to the run atomically; idempotent.
 
-        The run that was current stays readable for ``grace_seconds``. Raises
-        :class:`~encore.errors.RunFailed` when coverage does not match.
+        Inside the flip's transaction, the lists the store holds plus ``cold_users`` must
+        equal ``users_total``, or :class:`~encore.errors.RunFailed` is raised and nothing
+        changes. The run that was current is recorded as the run's predecessor, and then
+        expires ``grace_seconds`` later; a retry after a lost reply (``current`` already is
+        the run) only makes sure of that expiry.
         """
 
     @abstractmethod
@@ -77,7 +91,15 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def discard(self, run_id: str) -> None:
-        """Delete an unpublished run's keyspace."""
+        """Delete a run's keyspace (never call it on the current run)."""
+
+    @abstractmethod
+    def runs(self) -> list[StoredRun]:
+        """Every run keyspace the store holds (expired ones are gone)."""
+
+    @abstractmethod
+    def expire(self, run_id: str, seconds: int) -> None:
+        """Make a run's keyspace expire in ``seconds``, unless it expires already."""
 
     @abstractmethod
     def run_info(self, run_id: str) -> RunInfo | None:

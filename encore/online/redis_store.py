@@ -23,7 +23,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from encore.errors import ONLINE_STORE, RunFailed, StoreUnavailable
-from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo
+from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo, StoredRun
 from encore.redact import redact
 
 logger = logging.getLogger("encore.online.redis")
@@ -62,6 +62,9 @@ class _Keys:
     def all(self, run_id: str) -> tuple[str, str, str]:
         return self.meta(run_id), self.recs(run_id), self.names(run_id)
 
+    def run_of_meta(self, key: bytes) -> str:
+        return key.decode()[len(f"{self.prefix}:run:{{") : -len("}:meta")]
+
 
 def _info(run_id: str, meta: dict[bytes, bytes]) -> RunInfo | None:
     if not meta:
@@ -79,9 +82,17 @@ def _info(run_id: str, meta: dict[bytes, bytes]) -> RunInfo | None:
 
 
 class RedisOnlineStore(OnlineStore):
-    def __init__(self, url: str, *, prefix: str = "encore", socket_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "encore",
+        socket_timeout: float = 10.0,
+        pending_ttl_seconds: int = 6 * 3600,
+    ) -> None:
         self.url = url
         self.keys = _Keys(prefix)
+        self.pending_ttl_seconds = pending_ttl_seconds
         self.client = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout,
@@ -90,7 +101,7 @@ class RedisOnlineStore(OnlineStore):
             retry_on_error=RETRY_ERRORS,
             health_check_interval=30,
         )
-        self._pending: dict[str, int] = {}  # runs this process is writing -> their TTL
+        self._pending: set[str] = set()  # runs this process is writing, not yet published
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
@@ -106,7 +117,6 @@ class RedisOnlineStore(OnlineStore):
         top_n: int,
         fallback: bytes,
         names: dict[int, str] | None = None,
-        pending_ttl_seconds: int = 6 * 3600,
     ) -> None:
         meta, recs, names_key = self.keys.all(run_id)
         pipe = self.client.pipeline(transaction=True)
@@ -125,19 +135,22 @@ class RedisOnlineStore(OnlineStore):
             pipe.hset(names_key, mapping={str(k): v for k, v in names.items()})
         # An abandoned run's keys vanish by themselves; publish() removes the expiry.
         for key in (meta, names_key):
-            pipe.expire(key, pending_ttl_seconds)
+            pipe.expire(key, self.pending_ttl_seconds)
         self._call("begin run", pipe.execute)
-        self._pending[run_id] = pending_ttl_seconds
+        self._pending.add(run_id)
 
     def write_batch(self, run_id: str, user_ids: Sequence[int], payloads: Sequence[bytes]) -> None:
         if not len(user_ids):
             return
-        recs = self.keys.recs(run_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(recs, mapping=dict(zip(map(int, user_ids), payloads, strict=True)))
-        ttl = self._pending.get(run_id)
-        if ttl:
-            pipe.expire(recs, ttl)
+        pipe.hset(
+            self.keys.recs(run_id), mapping=dict(zip(map(int, user_ids), payloads, strict=True))
+        )
+        if run_id in self._pending:
+            # Every write pushes the expiry of all the run's keys back: a run that is being
+            # written never expires, however long it takes; an abandoned one does.
+            for key in self.keys.all(run_id):
+                pipe.expire(key, self.pending_ttl_seconds)
         self._call("write batch", pipe.execute)
 
     def delete_users(self, run_id: str, user_ids: Sequence[int]) -> None:
@@ -147,30 +160,46 @@ class RedisOnlineStore(OnlineStore):
     def count(self, run_id: str) -> int:
         return int(self._call("count", self.client.hlen, self.keys.recs(run_id)))
 
-    def publish(self, run_id: str, *, expected_lists: int, grace_seconds: int) -> None:
+    def publish(
+        self, run_id: str, *, users_total: int, cold_users: int, grace_seconds: int
+    ) -> None:
         meta, recs, names = self.keys.all(run_id)
 
         def flip(pipe: redis.client.Pipeline) -> None:
             previous = pipe.get(self.keys.current)
-            written = pipe.hlen(recs)
+            if previous is not None and previous.decode() == run_id:
+                return  # a retry after the reply to the flip was lost: it is done
             if not pipe.exists(meta):
                 raise RunFailed(f"run {run_id!r} has no keyspace in Redis (expired?)")
-            if written != expected_lists:
+            written = pipe.hlen(recs)
+            if written + cold_users != users_total:
                 raise RunFailed(
-                    f"run {run_id!r} wrote {written} lists but {expected_lists} were expected"
+                    f"run {run_id!r} holds {written} lists and {cold_users} cold users, "
+                    f"but {users_total} users were scored"
                 )
             pipe.multi()
             pipe.persist(meta)
             pipe.persist(recs)
             pipe.persist(names)
-            pipe.hset(meta, mapping={"published_at": repr(time.time()), "users": written})
+            pipe.hsetnx(meta, "published_at", repr(time.time()))
+            pipe.hset(meta, mapping={"users": written, "previous": previous or b""})
             pipe.set(self.keys.current, run_id)
-            if previous and previous.decode() != run_id:
-                for key in self.keys.all(previous.decode()):
-                    pipe.expire(key, grace_seconds)
 
-        self._call("publish", self.client.transaction, flip, self.keys.current)
-        self._pending.pop(run_id, None)
+        # Watching the run's keys too: the count is the one the flip commits with.
+        self._call("publish", self.client.transaction, flip, self.keys.current, meta, recs)
+        self._pending.discard(run_id)
+        self._expire_previous(run_id, grace_seconds)
+
+    def _expire_previous(self, run_id: str, grace_seconds: int) -> None:
+        # Reads the predecessor the flip recorded, not `current`: a retried flip that finds
+        # `current` already moved still expires the right run. NX keeps a running grace.
+        previous = self._call("previous", self.client.hget, self.keys.meta(run_id), "previous")
+        if not previous or previous.decode() == run_id:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.keys.all(previous.decode()):
+            pipe.expire(key, grace_seconds, nx=True)
+        self._call("expire previous", pipe.execute)
 
     def rollback(self, run_id: str, *, grace_seconds: int) -> RunInfo:
         info = self.run_info(run_id)
@@ -179,11 +208,38 @@ class RedisOnlineStore(OnlineStore):
                 f"run {run_id!r} is no longer readable in Redis (its grace period ended or it "
                 "never published); only runs within the grace period can be restored"
             )
-        self.publish(run_id, expected_lists=self.count(run_id), grace_seconds=grace_seconds)
+        self.publish(run_id, users_total=info.users, cold_users=0, grace_seconds=grace_seconds)
         return info
 
     def discard(self, run_id: str) -> None:
         self._call("discard", self.client.unlink, *self.keys.all(run_id))
+        self._pending.discard(run_id)
+
+    def runs(self) -> list[StoredRun]:
+        pattern = self.keys.meta("*")
+        found = []
+        for key in self._call("scan", lambda: list(self.client.scan_iter(pattern, count=1000))):
+            run_id = self.keys.run_of_meta(key)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hget(key, "published_at")
+            pipe.pttl(key)
+            published, ttl = self._call("run", pipe.execute)
+            if ttl == -2:
+                continue  # expired between the scan and now
+            found.append(
+                StoredRun(
+                    run_id,
+                    float(published) if published else None,
+                    ttl / 1000 if ttl >= 0 else None,
+                )
+            )
+        return found
+
+    def expire(self, run_id: str, seconds: int) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.keys.all(run_id):
+            pipe.expire(key, seconds, nx=True)
+        self._call("expire", pipe.execute)
 
     def run_info(self, run_id: str) -> RunInfo | None:
         return _info(run_id, self._call("run info", self.client.hgetall, self.keys.meta(run_id)))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from encore.errors import ONLINE_STORE, RunFailed, StoreUnavailable
-from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo
+from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo, StoredRun
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS runs (
     fallback BLOB NOT NULL,
     created_at REAL NOT NULL,
     published_at REAL,
-    expires_at REAL
+    expires_at REAL,
+    previous TEXT
 );
 CREATE TABLE IF NOT EXISTS recs (
     run_id TEXT NOT NULL,
@@ -56,6 +57,9 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+        if "previous" not in columns:  # a store created before runs recorded it
+            conn.execute("ALTER TABLE runs ADD COLUMN previous TEXT")
     except sqlite3.Error as exc:
         raise StoreUnavailable(
             f"cannot open the SQLite online store {path}: {exc}", component=ONLINE_STORE
@@ -86,8 +90,9 @@ def _select_in(conn: sqlite3.Connection, run_id: str, user_ids: Sequence[int]) -
 
 
 class SQLiteOnlineStore(OnlineStore):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, pending_ttl_seconds: int = 6 * 3600) -> None:
         self.path = path
+        self.pending_ttl_seconds = pending_ttl_seconds
         self.conn = connect(path)
 
     def begin_run(
@@ -98,7 +103,6 @@ class SQLiteOnlineStore(OnlineStore):
         top_n: int,
         fallback: bytes,
         names: dict[int, str] | None = None,
-        pending_ttl_seconds: int = 6 * 3600,
     ) -> None:
         now = time.time()
         with self.conn:
@@ -109,7 +113,7 @@ class SQLiteOnlineStore(OnlineStore):
             self.conn.execute(
                 "INSERT OR REPLACE INTO runs (run_id, model_version, top_n, users, fallback,"
                 " created_at, published_at, expires_at) VALUES (?, ?, ?, 0, ?, ?, NULL, ?)",
-                (run_id, model_version, top_n, fallback, now, now + pending_ttl_seconds),
+                (run_id, model_version, top_n, fallback, now, now + self.pending_ttl_seconds),
             )
             if names:
                 self.conn.executemany(
@@ -137,6 +141,11 @@ class SQLiteOnlineStore(OnlineStore):
                 "INSERT OR REPLACE INTO recs VALUES (?, ?, ?)",
                 ((run_id, int(u), p) for u, p in zip(user_ids, payloads, strict=True)),
             )
+            # A run being written never expires, however long it takes; an abandoned one does.
+            self.conn.execute(
+                "UPDATE runs SET expires_at = ? WHERE run_id = ? AND published_at IS NULL",
+                (time.time() + self.pending_ttl_seconds, run_id),
+            )
 
     def delete_users(self, run_id: str, user_ids: Sequence[int]) -> None:
         with self.conn:
@@ -150,29 +159,36 @@ class SQLiteOnlineStore(OnlineStore):
             "SELECT count(*) FROM recs WHERE run_id = ?", (run_id,)
         ).fetchone()[0]
 
-    def publish(self, run_id: str, *, expected_lists: int, grace_seconds: int) -> None:
+    def publish(
+        self, run_id: str, *, users_total: int, cold_users: int, grace_seconds: int
+    ) -> None:
         now = time.time()
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            if self.run_info(run_id) is None:
-                raise RunFailed(f"run {run_id!r} has no keyspace in {self.path}")
-            written = self.count(run_id)
-            if written != expected_lists:
-                raise RunFailed(
-                    f"run {run_id!r} wrote {written} lists but {expected_lists} were expected"
-                )
             previous = self._current_id()
-            if previous and previous != run_id:
+            if previous != run_id:
+                if self.run_info(run_id) is None:
+                    raise RunFailed(f"run {run_id!r} has no keyspace in {self.path}")
+                written = self.count(run_id)
+                if written + cold_users != users_total:
+                    raise RunFailed(
+                        f"run {run_id!r} holds {written} lists and {cold_users} cold users, "
+                        f"but {users_total} users were scored"
+                    )
                 self.conn.execute(
-                    "UPDATE runs SET expires_at = ? WHERE run_id = ?",
-                    (now + grace_seconds, previous),
+                    "UPDATE runs SET published_at = COALESCE(published_at, ?), expires_at = NULL,"
+                    " users = ?, previous = ? WHERE run_id = ?",
+                    (now, written, previous, run_id),
                 )
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO pointer (name, run_id) VALUES ('current', ?)",
+                    (run_id,),
+                )
+            # As in Redis: the predecessor recorded at the flip expires, unless it does already.
             self.conn.execute(
-                "UPDATE runs SET published_at = ?, expires_at = NULL, users = ? WHERE run_id = ?",
-                (now, written, run_id),
-            )
-            self.conn.execute(
-                "INSERT OR REPLACE INTO pointer (name, run_id) VALUES ('current', ?)", (run_id,)
+                "UPDATE runs SET expires_at = ? WHERE expires_at IS NULL AND run_id <> ?"
+                " AND run_id = (SELECT previous FROM runs WHERE run_id = ?)",
+                (now + grace_seconds, run_id, run_id),
             )
 
     def rollback(self, run_id: str, *, grace_seconds: int) -> RunInfo:
@@ -186,13 +202,32 @@ class SQLiteOnlineStore(OnlineStore):
                 f"run {run_id!r} is no longer readable (its grace period ended or it never "
                 "published); only runs within the grace period can be restored"
             )
-        self.publish(run_id, expected_lists=self.count(run_id), grace_seconds=grace_seconds)
+        self.publish(run_id, users_total=info.users, cold_users=0, grace_seconds=grace_seconds)
         return info
 
     def discard(self, run_id: str) -> None:
         with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
             for table in ("recs", "names", "runs"):
                 self.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+
+    def runs(self) -> list[StoredRun]:
+        now = time.time()
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._purge(now)
+            rows = self.conn.execute("SELECT run_id, published_at, expires_at FROM runs").fetchall()
+        return [
+            StoredRun(run_id, published, expires - now if expires is not None else None)
+            for run_id, published, expires in rows
+        ]
+
+    def expire(self, run_id: str, seconds: int) -> None:
+        with self.conn:
+            self.conn.execute(
+                "UPDATE runs SET expires_at = ? WHERE run_id = ? AND expires_at IS NULL",
+                (time.time() + seconds, run_id),
+            )
 
     def run_info(self, run_id: str) -> RunInfo | None:
         return _info(

@@ -1,4 +1,8 @@
-"""Run records, and starting a run or a backfill (admin)."""
+"""Run records, and asking for a run or a backfill (admin).
+
+The API never starts a run itself: it queues a record, which the scheduler claims and runs
+under the run lock (`encore scheduler` looks every ENCORE_QUEUE_POLL_SECONDS).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from encore.database import RunRecord, new_run_id
 from encore.redact import redact
-from model_server.deps import AdminDep, SettingsDep, StateDep
-from model_server.launcher import launch_run
+from model_server.deps import AdminDep, StateDep
 from model_server.schemas import RunRequest
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -46,19 +49,15 @@ async def get_run(run_id: str, state: StateDep) -> dict:
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
-    summary="Start a run, or a backfill of some users, in the background",
+    summary="Queue a run, or a backfill of some users, for the scheduler",
 )
-async def start_run(
-    body: RunRequest, state: StateDep, settings: SettingsDep, _: AdminDep, response: Response
-) -> dict:
+async def start_run(body: RunRequest, state: StateDep, _: AdminDep, response: Response) -> dict:
     if body.kind == "manual" and body.user_ids is not None:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, "user_ids is only for kind 'backfill'"
         )
     now = datetime.now(UTC)
     record = RunRecord(new_run_id(now), body.kind, "queued", created_at=now)
-    await state.database.create_run(record)
-    state.reap_children()
-    state.children.append(launch_run(settings, record.run_id, body.user_ids))
+    await state.database.enqueue_run(record, body.user_ids)
     response.headers["Location"] = f"/v1/runs/{record.run_id}"
     return {"run_id": record.run_id, "kind": record.kind, "status": record.status}

@@ -1,0 +1,80 @@
+"""Scoring batches in a spawn process pool, with backpressure and a prompt stop."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+from encore.bundle import Bundle
+from encore.errors import RunStopped
+from encore.settings import Settings
+from scheduler.worker import BatchResult, init_worker, score_batch
+
+logger = logging.getLogger("encore.scheduler.pool")
+
+# How often the parent looks at the stop flag while it waits for a batch.
+STOP_POLL_SECONDS = 0.2
+# Workers that have not exited this long after a stop are terminated.
+WORKER_EXIT_SECONDS = 2.0
+
+
+def score_in_pool(
+    settings: Settings,
+    bundle: Bundle,
+    batches: list,
+    top_n: int,
+    on_result: Callable[[BatchResult], None],
+    *,
+    stop: threading.Event,
+) -> None:
+    """Score batches in a spawn pool with a bounded number in flight; results as they finish.
+
+    When ``stop`` is set, no batch is submitted any more, queued ones are cancelled, the
+    workers are stopped and :class:`~encore.errors.RunStopped` is raised.
+    """
+    pool = ProcessPoolExecutor(
+        max_workers=settings.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(str(bundle.path), top_n, settings.torch_threads),
+    )
+    todo = iter(batches)
+    pending: set[Future] = set()
+
+    def submit_next() -> None:
+        batch = next(todo, None)
+        if batch is not None:
+            pending.add(pool.submit(score_batch, batch))
+
+    try:
+        for _ in range(settings.resolved_batches_in_flight):
+            submit_next()
+        while pending:
+            done, _ = wait(pending, timeout=STOP_POLL_SECONDS, return_when=FIRST_COMPLETED)
+            if stop.is_set():
+                raise RunStopped("stopped on request before the flip")
+            for future in done:
+                pending.discard(future)
+                result = future.result()
+                submit_next()  # keep the workers busy while this batch is written
+                on_result(result)
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    # A worker may be seconds into importing torch or loading the bundle: waiting for it
+    # would not bound the stop, and nothing it computes is needed any more.
+    processes = list((pool._processes or {}).values())  # no public way to reach them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(timeout=WORKER_EXIT_SECONDS / max(len(processes), 1))
+        if process.is_alive():
+            process.kill()  # workers ignore SIGTERM: the parent decides when they stop
+    for process in processes:
+        process.join(timeout=WORKER_EXIT_SECONDS)

@@ -1,0 +1,469 @@
+"""The run lifecycle under faults, on real Redis and Postgres (and the embedded SQLite where the
+fault exists there too): the flip is the commit point, nothing a fault does takes the served
+run away, and every record ends in a state that tells the truth."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+import redis
+
+from encore.database import RunRecord, open_database
+from encore.database.postgres import RUN_LOCK_KEY
+from encore.errors import EncoreError, RunLocked, StoreUnavailable
+from encore.online import open_online_store
+from encore.settings import Settings
+from scheduler.cron import needs_catch_up, upkeep
+from scheduler.job import rollback, run_full, run_queued
+from tests.conftest import REDIS_URL
+from tests.faults import ReplyDroppingProxy, blip_database, cut_database, restore_database
+from tests.support import publish_random_run
+from training.random_bundle import build_random_bundle
+
+USERS = 300
+
+
+def _settings(tmp_path: Path, **extra) -> Settings:
+    settings = Settings(home=tmp_path / "home", workers=1, batch_size=64, **extra)
+    with open_database(settings) as db:
+        db.upgrade()
+    return settings
+
+
+@pytest.fixture(params=["sqlite", "redis+postgres"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    if request.param == "sqlite":
+        return _settings(tmp_path)
+    return _settings(
+        tmp_path,
+        redis_url=request.getfixturevalue("redis_url"),
+        database_url=request.getfixturevalue("database_url"),
+    )
+
+
+@pytest.fixture
+def servers(tmp_path: Path, redis_url: str, database_url: str) -> Settings:
+    """Redis and Postgres: the faults of a database server."""
+    return _settings(tmp_path, redis_url=redis_url, database_url=database_url)
+
+
+def _second_bundle(settings: Settings, **size) -> None:
+    options = {"users": USERS, "playlists": 120, "candidates": 20, "dim": 16, "cold_every": 10}
+    build_random_bundle(settings.bundles_dir, version="random-v2", seed=1, **{**options, **size})
+
+
+def _record(settings: Settings, run_id: str) -> RunRecord:
+    with open_database(settings) as db:
+        return db.get_run(run_id)
+
+
+def _current(settings: Settings) -> str | None:
+    with open_online_store(settings) as store:
+        current = store.current()
+    return current.run_id if current else None
+
+
+def _served_lists(settings: Settings, run_id: str) -> int:
+    with open_online_store(settings) as store:
+        return sum(p is not None for p in store.read(run_id, [7 * (c + 1) for c in range(USERS)]))
+
+
+# --------------------------------------------------------------------------------------
+# The flip is the commit point
+# --------------------------------------------------------------------------------------
+
+
+def _slow_publish_trigger(database_url: str, seconds: float) -> None:
+    """The record's update to published takes ``seconds``: time to cut the database."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            f"""
+            CREATE FUNCTION slow_publish() RETURNS trigger AS $$
+            BEGIN
+                IF NEW.status = 'published' AND OLD.status = 'publishing' THEN
+                    PERFORM pg_sleep({seconds});
+                END IF;
+                RETURN NEW;
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER slow_publish BEFORE UPDATE ON runs
+                FOR EACH ROW EXECUTE FUNCTION slow_publish();
+            """
+        )
+
+
+def test_a_database_failure_after_the_flip_keeps_the_new_run_served(servers: Settings) -> None:
+    first = publish_random_run(servers, users=USERS)
+    _second_bundle(servers)
+    _slow_publish_trigger(servers.database_url, 2.0)
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(run_full(servers)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while _current(servers) == first.run_id:
+        assert time.monotonic() < deadline and thread.is_alive(), "the run never flipped"
+        time.sleep(0.02)
+    second = _current(servers)
+    # The flip happened; the record's update is under way: the database goes away.
+    with _down(servers.database_url):
+        time.sleep(1.0)
+        assert _current(servers) == second
+        assert _served_lists(servers, second) == USERS - USERS // 10
+    thread.join(timeout=120)
+    assert outcome and outcome[0].run_id == second and outcome[0].status == "published"
+    assert _current(servers) == second
+    assert _served_lists(servers, second) == USERS - USERS // 10
+    record = _record(servers, second)
+    assert record.status == "published" and record.error is None
+    assert record.published_at is not None and record.finished_at is not None
+    assert _record(servers, first.run_id).status == "superseded"
+
+
+class _down:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> None:
+        cut_database(self.url)
+
+    def __exit__(self, *exc: object) -> None:
+        restore_database(self.url)
+
+
+def test_a_lost_reply_to_the_flip_still_expires_the_predecessor(servers: Settings) -> None:
+    first = publish_random_run(servers, users=USERS)
+    _second_bundle(servers)
+    current_key = f"{servers.redis_prefix}:current".encode()
+    where = urlsplit(REDIS_URL)
+    proxy = ReplyDroppingProxy(
+        where.hostname,
+        where.port or 6379,
+        drop_after=lambda data: b"EXEC" in data and current_key in data,
+    )
+    try:
+        via_proxy = servers.model_copy(
+            update={"redis_url": f"redis://127.0.0.1:{proxy.port}{where.path or '/0'}"}
+        )
+        second = run_full(via_proxy)
+    finally:
+        proxy.close()
+    assert proxy.dropped.is_set(), "the flip's reply was never dropped"
+    assert second.status == "published" and _current(servers) == second.run_id
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.keys(f"{servers.redis_prefix}:run:{{{first.run_id}}}:*"):
+        assert 0 < client.ttl(key) <= servers.run_grace_seconds, key
+    for key in client.keys(f"{servers.redis_prefix}:run:{{{second.run_id}}}:*"):
+        assert client.ttl(key) == -1, key
+    assert _record(servers, first.run_id).status == "superseded"
+
+
+# --------------------------------------------------------------------------------------
+# A blip is not a failure; an outage past the budget is
+# --------------------------------------------------------------------------------------
+
+
+def _fault_at_first_batch(fault):
+    fired = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if done > 0 and not fired:
+            fired.append(done)
+            fault()
+
+    return progress, fired
+
+
+def test_a_database_blip_while_scoring_does_not_fail_the_run(servers: Settings) -> None:
+    first = publish_random_run(servers, users=USERS)
+    _second_bundle(servers, users=3000)
+    # The blip also ends the session that holds the run lock: the run takes it back.
+    progress, fired = _fault_at_first_batch(lambda: blip_database(servers.database_url, 0.4))
+    second = run_full(servers, progress=progress)
+    assert fired
+    assert second.status == "published" and second.users_scored == 3000
+    assert _current(servers) == second.run_id != first.run_id
+
+
+def test_a_database_down_past_the_budget_fails_the_run_and_the_next_start_records_it(
+    servers: Settings,
+) -> None:
+    first = publish_random_run(servers, users=USERS)
+    _second_bundle(servers, users=3000)
+    budget = servers.model_copy(update={"store_retry_seconds": 1.0})
+    progress, _ = _fault_at_first_batch(lambda: cut_database(servers.database_url))
+    try:
+        with pytest.raises(StoreUnavailable):
+            run_full(budget, progress=progress)
+        with open_online_store(servers) as store:
+            stored = {run.run_id for run in store.runs()}
+    finally:
+        restore_database(servers.database_url)
+    assert stored == {first.run_id}  # the failed run's keyspace was discarded
+    assert _current(servers) == first.run_id
+    with open_database(servers) as db:
+        (dead,) = [r for r in db.list_runs() if r.run_id != first.run_id]
+    assert dead.status == "running"  # its record could not say so while the database was down
+    upkeep(servers)
+    dead = _record(servers, dead.run_id)
+    assert dead.status == "failed" and dead.error.startswith("interrupted")
+
+
+def test_a_run_that_lost_its_lock_to_another_run_does_not_flip(servers: Settings) -> None:
+    first = publish_random_run(servers, users=USERS)
+    _second_bundle(servers, users=3000)
+    thief: list[psycopg.Connection] = []
+
+    def steal_the_lock() -> None:
+        blip_database(servers.database_url, 0.1)  # the run's lock session ends
+        conn = psycopg.connect(servers.database_url, autocommit=True)
+        thief.append(conn)
+        (got,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
+        assert got
+
+    progress, _ = _fault_at_first_batch(steal_the_lock)
+    try:
+        with pytest.raises(RunLocked, match="lost the run lock"):
+            run_full(servers, progress=progress)
+    finally:
+        for conn in thief:
+            conn.close()
+    assert _current(servers) == first.run_id
+    with open_database(servers) as db:
+        (lost,) = [r for r in db.list_runs() if r.run_id != first.run_id]
+    assert lost.status == "failed" and lost.error.startswith("lock_lost")
+    with open_online_store(servers) as store:
+        assert store.run_info(lost.run_id) is None
+
+
+# --------------------------------------------------------------------------------------
+# Stopping: SIGTERM to `encore run` and to `encore scheduler`
+# --------------------------------------------------------------------------------------
+
+
+def _environment(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "ENCORE_HOME": str(settings.home),
+        "ENCORE_WORKERS": "1",
+        "ENCORE_BATCH_SIZE": "100",
+        "ENCORE_REDIS_URL": settings.redis_url or "",
+        "ENCORE_REDIS_PREFIX": settings.redis_prefix,
+        "ENCORE_DATABASE_URL": settings.database_url or "",
+        **extra,
+    }
+    return {k: v for k, v in env.items() if v != ""}
+
+
+def _wait_for_writes(settings: Settings, process: subprocess.Popen, old: str) -> str:
+    deadline = time.monotonic() + 180
+    with open_database(settings) as db, open_online_store(settings) as store:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "the process ended before it could be stopped"
+            running = [r for r in db.list_runs() if r.status == "running"]
+            if running and store.count(running[0].run_id) > 0:
+                assert store.current().run_id == old
+                return running[0].run_id
+            time.sleep(0.05)
+    raise AssertionError("the run never started writing")
+
+
+def _big_bundle(settings: Settings) -> None:
+    build_random_bundle(
+        settings.bundles_dir,
+        users=20_000,
+        playlists=500,
+        candidates=50,
+        dim=32,
+        version="random-big",
+        seed=2,
+    )
+
+
+def _assert_stopped(settings: Settings, run_id: str, served: str, process: subprocess.Popen):
+    record = _record(settings, run_id)
+    assert record.status == "failed" and record.error.startswith("stopped"), record
+    with open_online_store(settings) as store:
+        assert store.current().run_id == served
+        assert store.run_info(run_id) is None  # its keyspace was discarded
+    table = subprocess.run(
+        ["ps", "-eo", "pgid=,pid=,stat=,args="], capture_output=True, text=True
+    ).stdout
+    # Exited children of the dead process stay zombies here (no init reaps them): not alive.
+    left = [
+        line
+        for line in table.splitlines()
+        if line.split()[0] == str(process.pid) and not line.split()[2].startswith("Z")
+    ]
+    assert not left, left  # no scoring worker outlived it
+
+
+def test_sigterm_stops_encore_run_before_its_flip(settings: Settings) -> None:
+    first = publish_random_run(settings, users=USERS)
+    _big_bundle(settings)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "encore", "run"],
+        env=_environment(settings),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        run_id = _wait_for_writes(settings, process, first.run_id)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=10)  # the promise: stopped within 10 s
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = process.stdout.read().decode()
+    assert code == 1, output
+    assert "stopped" in output
+    time.sleep(0.5)  # the workers' exit is reaped by the kernel
+    _assert_stopped(settings, run_id, first.run_id, process)
+
+
+def test_sigterm_stops_the_scheduler_and_its_run(servers: Settings, tmp_path: Path) -> None:
+    first = publish_random_run(servers, users=USERS)
+    _big_bundle(servers)
+    with open_database(servers) as db:
+        queued = RunRecord("queued-1", "manual", "queued", created_at=datetime.now(UTC))
+        db.enqueue_run(queued)
+    with socket_port() as port:
+        env = _environment(
+            servers, ENCORE_QUEUE_POLL_SECONDS="0.2", ENCORE_SCHEDULER_METRICS_PORT=str(port)
+        )
+    log = tmp_path / "scheduler.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "encore", "scheduler"],
+            env=env,
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert _wait_for_writes(servers, process, first.run_id) == "queued-1"
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert code == 0, log.read_text()
+    time.sleep(0.5)
+    _assert_stopped(servers, "queued-1", first.run_id, process)
+
+
+class socket_port:
+    """A free TCP port on loopback (closed again before use)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Reconciliation, the sweep, rollback, the queue
+# --------------------------------------------------------------------------------------
+
+
+def _keep_for_good(settings: Settings, run_id: str) -> None:
+    """Undo a replaced run's expiry, as a flip whose second step was lost would leave it."""
+    if settings.redis_url:
+        client = redis.Redis.from_url(settings.redis_url)
+        for key in client.keys(f"{settings.redis_prefix}:run:{{{run_id}}}:*"):
+            client.persist(key)
+    else:
+        with open_online_store(settings) as store:
+            store.conn.execute("UPDATE runs SET expires_at = NULL WHERE run_id = ?", (run_id,))
+
+
+def test_upkeep_settles_every_record_and_sweeps_what_nothing_serves(settings: Settings) -> None:
+    first = publish_random_run(settings, users=USERS)
+    _second_bundle(settings)
+    second = run_full(settings)
+    old = datetime.now(UTC) - timedelta(days=30)
+    with open_database(settings) as db, open_online_store(settings) as store:
+        # A run whose process died a month ago, behind more than a page of later records.
+        db.create_run(
+            RunRecord("ghost", "scheduled", "running", created_at=old, owner="gone pid 1")
+        )
+        for n in range(25):
+            db.create_run(RunRecord(f"later-{n:02d}", "manual", "failed", created_at=old))
+        store.begin_run("ghost", model_version="m", top_n=3, fallback=b"[1]")
+        store.write_batch("ghost", [7], [b"[1]"])
+        # The served run recorded as failed (what a database error after the flip once did).
+        db.update_run(second.run_id, status="failed", error="error: connection lost")
+    _keep_for_good(settings, first.run_id)
+    upkeep(settings)
+    ghost = _record(settings, "ghost")
+    assert ghost.status == "failed" and "gone pid 1" in ghost.error
+    assert "stopped before publishing" in ghost.error
+    served = _record(settings, second.run_id)
+    assert served.status == "published" and served.error is None
+    assert _record(settings, first.run_id).status == "superseded"
+    with open_online_store(settings) as store:
+        runs = {run.run_id: run for run in store.runs()}
+    assert set(runs) == {first.run_id, second.run_id}  # the ghost's keyspace is gone
+    assert 0 < runs[first.run_id].expires_in <= settings.run_grace_seconds
+    assert runs[second.run_id].expires_in is None
+
+
+def test_rollback_is_a_run_of_its_own_and_keeps_the_targets_history(settings: Settings) -> None:
+    first = publish_random_run(settings, users=USERS)
+    two_days_ago = datetime.now(UTC) - timedelta(days=2)
+    with open_database(settings) as db:
+        db.update_run(first.run_id, finished_at=two_days_ago, published_at=two_days_ago)
+    _second_bundle(settings)
+    second = run_full(settings)
+    assert not needs_catch_up(settings)
+    record = rollback(settings, first.run_id)
+    assert (record.kind, record.status, record.target_run_id) == (
+        "rollback",
+        "published",
+        first.run_id,
+    )
+    assert record.model_version == "random-v1"
+    target = _record(settings, first.run_id)
+    assert target.status == "published"
+    assert target.finished_at == two_days_ago and target.published_at == two_days_ago
+    assert _record(settings, second.run_id).status == "superseded"
+    assert _current(settings) == first.run_id
+    assert needs_catch_up(settings)  # the served data is two days old, and says so
+    with pytest.raises(EncoreError, match="already the one served"):
+        rollback(settings, first.run_id)
+
+
+def test_queued_runs_are_claimed_in_order_once(settings: Settings) -> None:
+    first = publish_random_run(settings, users=USERS)
+    now = datetime.now(UTC)
+    with open_database(settings) as db:
+        db.enqueue_run(RunRecord("q1-backfill", "backfill", "queued", created_at=now), [14, 21])
+        db.enqueue_run(
+            RunRecord("q2-full", "manual", "queued", created_at=now + timedelta(seconds=1))
+        )
+        with db.run_lock("someone-else"), pytest.raises(RunLocked):
+            run_full(settings, run_id="q1-backfill")
+        assert db.get_run("q1-backfill").status == "queued"  # refused, still queued
+    done = run_queued(settings)
+    assert [r.run_id for r in done] == ["q1-backfill", "q2-full"]
+    backfill = _record(settings, "q1-backfill")
+    assert backfill.status == "published" and backfill.target_run_id == first.run_id
+    assert backfill.users_total == 2
+    assert _current(settings) == "q2-full"
+    assert run_queued(settings) == []
+    with pytest.raises(EncoreError, match="not queued"):
+        run_full(settings, run_id="q2-full")
