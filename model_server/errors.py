@@ -60,7 +60,9 @@ class ErrorBody(BaseModel):
     )
 
 
-def invalid(loc: tuple[str | int, ...], msg: str, *, kind: str, value: Any, **ctx: Any):
+def invalid(
+    loc: tuple[str | int, ...], msg: str, *, kind: str, value: Any, **ctx: Any
+) -> RequestValidationError:
     """A 422 in the same shape as FastAPI's own, for checks a schema cannot express."""
     error = {"loc": loc, "msg": msg, "type": kind, "input": value}
     if ctx:
@@ -68,7 +70,9 @@ def invalid(loc: tuple[str | int, ...], msg: str, *, kind: str, value: Any, **ct
     return RequestValidationError([error])
 
 
-def unavailable_response(component: str | None, detail: str, retry_after_seconds: int):
+def unavailable_response(
+    component: str | None, detail: str, retry_after_seconds: int
+) -> JSONResponse:
     return JSONResponse(
         {"detail": detail, "component": component},
         status_code=503,

@@ -343,8 +343,8 @@ class AsyncPostgresDatabase(AsyncDatabase):
                 await conn.execute(_insert_run_sql(values), values)
                 if user_ids is not None:
                     await conn.execute(INSERT_REQUEST, (record.run_id, list(user_ids)))
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+        except psycopg.Error as exc:
+            raise self._unavailable(exc) from exc
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         row = await self._fetch("SELECT * FROM runs WHERE run_id = %s", (run_id,), one=True)
