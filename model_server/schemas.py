@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt, Tag
 
 MAX_ID = 2**63 - 1
 MAX_USERS = 1000
@@ -54,13 +54,36 @@ class FeedbackRequest(BaseModel):
     shown_playlist_ids: list[Id] = Field(max_length=1000)
 
 
-class RunRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ManualRun(BaseModel):
+    """A full run of every user (the default)."""
 
-    kind: Literal["manual", "backfill"] = "manual"
+    model_config = ConfigDict(extra="forbid", title="Full run")
+
+    kind: Literal["manual"] = "manual"
+
+
+class BackfillRun(BaseModel):
+    """Some users rescored into the served run; without ``user_ids``, a full run."""
+
+    model_config = ConfigDict(extra="forbid", title="Backfill")
+
+    kind: Literal["backfill"]
     user_ids: list[Id] | None = Field(
         None,
         min_length=1,
         max_length=1_000_000,
         description="Backfill only these users into the current run (omit for every user).",
     )
+
+
+def _run_kind(value: object) -> object:
+    # A missing kind is a full run: `{}` is a valid request.
+    if isinstance(value, dict):
+        return value.get("kind", "manual")
+    return getattr(value, "kind", "manual")
+
+
+RunRequest = Annotated[
+    Annotated[ManualRun, Tag("manual")] | Annotated[BackfillRun, Tag("backfill")],
+    Discriminator(_run_kind),
+]

@@ -91,6 +91,9 @@ class PostgresDatabase(Database):
             max_size=max_size,
             timeout=timeout_seconds,
             kwargs={"row_factory": dict_row, "autocommit": True},
+            # A connection left from before a Postgres restart is replaced before it is
+            # handed out, rather than failing the run's next write.
+            check=ConnectionPool.check_connection,
             open=False,
             name="encore-sync",
         )

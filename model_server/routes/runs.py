@@ -52,12 +52,8 @@ async def get_run(run_id: str, state: StateDep) -> dict:
     summary="Queue a run, or a backfill of some users, for the scheduler",
 )
 async def start_run(body: RunRequest, state: StateDep, _: AdminDep, response: Response) -> dict:
-    if body.kind == "manual" and body.user_ids is not None:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, "user_ids is only for kind 'backfill'"
-        )
     now = datetime.now(UTC)
     record = RunRecord(new_run_id(now), body.kind, "queued", created_at=now)
-    await state.database.enqueue_run(record, body.user_ids)
+    await state.database.enqueue_run(record, getattr(body, "user_ids", None))
     response.headers["Location"] = f"/v1/runs/{record.run_id}"
     return {"run_id": record.run_id, "kind": record.kind, "status": record.status}
