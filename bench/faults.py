@@ -7,6 +7,9 @@
   ``--blip`` seconds (sessions ended, connections refused: what a restart does to a
   database), over the duration of the same run without it, pair by pair; every run must
   publish.
+- ``readyz_database_down_s``: how long `GET /readyz` of a running `encore serve` takes to
+  answer while Postgres is unreachable (it must answer 200 "degraded"), against the same probe
+  with everything up; recommendations must stay 200 meanwhile.
 
     uv run python bench/faults.py --users 200000
 """
@@ -17,12 +20,15 @@ import argparse
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -56,6 +62,66 @@ def _blip(admin_url: str, url: str, seconds: float) -> None:
         )
         time.sleep(seconds)
         admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+
+def _cut(admin_url: str, url: str, allow: bool) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}')
+        if not allow:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+
+
+def _get(url: str, body: bytes | None = None) -> tuple[int, dict, float]:
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    clock = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read()
+    return status, json.loads(payload), time.perf_counter() - clock
+
+
+def _readyz(env: dict[str, str], admin_url: str, database_url: str, probes: int) -> dict:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "encore", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if _get(f"{base}/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        up = [_get(f"{base}/readyz") for _ in range(probes)]
+        assert all(status == 200 for status, _, _ in up), up[-1]
+        _cut(admin_url, database_url, allow=False)
+        try:
+            down = [_get(f"{base}/readyz") for _ in range(probes)]
+            served = _get(f"{base}/v1/recommendations", b'{"user_ids": [7, 14]}')
+        finally:
+            _cut(admin_url, database_url, allow=True)
+        assert all(s == 200 and b["status"] == "degraded" for s, b, _ in down), down[-1]
+        assert served[0] == 200, served
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {
+        "readyz_up_s": statistics.median(t for _, _, t in up),
+        "readyz_database_down_s": [t for _, _, t in down],
+    }
 
 
 def _stop_once(settings: Settings, env: dict[str, str]) -> float:
@@ -93,6 +159,7 @@ def main() -> None:
     parser.add_argument("--playlists", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--blip", type=float, default=0.4, help="seconds Postgres is away")
+    parser.add_argument("--probes", type=int, default=20, help="/readyz probes")
     parser.add_argument(
         "--redis-url", default=os.environ.get("ENCORE_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
@@ -126,6 +193,7 @@ def main() -> None:
                 "ENCORE_REDIS_PREFIX": settings.redis_prefix,
                 "ENCORE_DATABASE_URL": database_url,
             }
+            ready = _readyz(env, args.postgres_url, database_url, args.probes)
             stops = [_stop_once(settings, env) for _ in range(args.repeat)]
             ratios = []
             for _ in range(args.repeat):
@@ -169,6 +237,8 @@ def main() -> None:
                 "blip_seconds": args.blip,
                 "blip_ratio": spread(ratios),
                 "runs_published_through_a_blip": len(ratios),
+                "readyz_up_s": round(ready["readyz_up_s"], 4),
+                "readyz_database_down_s": spread(ready["readyz_database_down_s"]),
             }
         )
     )
