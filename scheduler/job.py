@@ -221,9 +221,15 @@ def _open_record(
     values = {"owner": process_owner(), "started_at": now, **values}
     persist = within_budget(settings.store_retry_seconds, stop)
     if run_id is not None:
-        if persist(db.claim_run, run_id, **values):
-            return persist(db.get_run, run_id)
+        claimed = persist(db.claim_run, run_id, **values)
         existing = persist(db.get_run, run_id)
+        if claimed or (
+            # A retried claim whose first try landed (its reply was lost) finds it ours.
+            existing is not None
+            and existing.status == "running"
+            and (existing.owner, existing.started_at) == (values["owner"], now)
+        ):
+            return existing
         if existing is not None:
             raise EncoreError(f"run {run_id!r} is {existing.status}, not queued")
     record = RunRecord(run_id or new_run_id(now), kind, "running", created_at=now, **values)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -33,6 +34,9 @@ from encore.online import OnlineStore, RunInfo
 
 logger = logging.getLogger("encore.scheduler.lifecycle")
 
+# What waiting can cure: a server away, or the embedded database locked past its busy timeout.
+RETRIED = (StoreUnavailable, sqlite3.OperationalError)
+
 
 def process_owner() -> str:
     """This process, as run records name the process running them."""
@@ -48,7 +52,8 @@ def within_budget(budget_seconds: float, stop: threading.Event) -> Retrying:
     return Retrying(
         stop=stop_after_delay(budget_seconds) | stop_when_event_set(stop),
         wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1),
-        retry=retry_if_exception_type(StoreUnavailable),
+        sleep=stop.wait,  # a stop request ends the wait at once, then the retries
+        retry=retry_if_exception_type(RETRIED),
         before_sleep=before_sleep_log(logger, logging.WARNING),
         reraise=True,
     )
@@ -60,7 +65,8 @@ def until_it_lands(stop: threading.Event) -> Retrying:
     return Retrying(
         stop=stop_when_event_set(stop),
         wait=wait_exponential_jitter(multiplier=0.1, max=10.0, jitter=0.1),
-        retry=retry_if_exception_type(StoreUnavailable),
+        sleep=stop.wait,
+        retry=retry_if_exception_type(RETRIED),
         before_sleep=before_sleep_log(logger, logging.WARNING),
         reraise=True,
     )
@@ -101,7 +107,7 @@ def reconcile(db: Database, store: OnlineStore, *, me: str | None) -> None:
             error=_interrupted(record),
         )
         if _has_own_keyspace(record):
-            store.discard(record.run_id)
+            store.discard(record.run_id)  # never the served run: the store checks
     if served is None:
         return
     record = db.get_run(served)
@@ -153,7 +159,8 @@ def _flip_times(record: RunRecord, current: RunInfo | None) -> dict:
     )
     values = {}
     if record.finished_at is None:
-        values["finished_at"] = published
+        # A rollback's own flip is not the target's first publication: it ended now, or so.
+        values["finished_at"] = published if record.target_run_id is None else datetime.now(UTC)
     if record.published_at is None and record.target_run_id is None:
         values["published_at"] = published
     return values
@@ -184,7 +191,7 @@ class ProgressSaver:
         self.open_db = open_db
         self.run_id = run_id
         self.every_seconds = every_seconds
-        self._latest: dict[str, int] | None = None
+        self._latest: dict[str, int] | None = None  # users_scored, cold_users
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"progress-{run_id}", daemon=True)
@@ -208,8 +215,8 @@ class ProgressSaver:
                     continue
                 try:
                     db = db or self.open_db()
-                    db.update_run(self.run_id, **values)
-                except StoreUnavailable as exc:
+                    db.save_progress(self.run_id, **values)
+                except (*RETRIED, sqlite3.Error) as exc:
                     logger.warning("progress of run %s not saved: %s", self.run_id, exc)
         finally:
             if db is not None:

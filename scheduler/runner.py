@@ -31,6 +31,7 @@ from scheduler.worker import BatchResult, Scorer
 logger = logging.getLogger("encore.scheduler.job")
 
 Progress = Callable[..., None]
+LOCK_CHECK_SECONDS = 2.0
 
 
 @dataclass
@@ -139,6 +140,7 @@ class RunExecution:
     def _score(self, plan: Plan) -> Totals:
         totals = Totals()
         saver = ProgressSaver(lambda: open_database(self.settings), self.run_id)
+        last_check = [time.monotonic()]
 
         def on_result(result: BatchResult) -> None:
             write_clock = time.perf_counter()
@@ -156,6 +158,11 @@ class RunExecution:
             done = totals.lists + totals.cold
             self.report("score users", done, plan.users_total)
             saver.update(users_scored=done, cold_users=totals.cold)
+            if time.monotonic() - last_check[0] > LOCK_CHECK_SECONDS:
+                # A database restart frees the lock: take it back soon, or stop, rather than
+                # write on while another run may reconcile this one away.
+                self.persist(self.lock.check)
+                last_check[0] = time.monotonic()
 
         try:
             if plan.flip:
@@ -186,8 +193,11 @@ class RunExecution:
     def _flip(self, flip: Callable[..., object], *args: object, **kwargs: object) -> None:
         try:
             self.persist(flip, *args, **kwargs)
-        except StoreUnavailable:
-            # The flip may have landed before the store went quiet; only `current` can tell.
+        except RunFailed:
+            raise  # refused before the flip: coverage, or no keyspace
+        except BaseException:
+            # Anything else (the store going quiet, a second Ctrl-C) may have come after the
+            # flip landed: only `current` can tell, at the next start's reconciliation.
             self.flip_unknown = True
             raise
 
@@ -206,7 +216,9 @@ class RunExecution:
             return
         if discard:
             try:
-                self.store.discard(self.run_id)
+                if not self.store.discard(self.run_id):
+                    logger.error("run %s is served after all: kept, reconciled later", self.run_id)
+                    return
             except StoreUnavailable:
                 logger.warning("could not discard run %s: the sweep removes it", self.run_id)
         try:

@@ -145,12 +145,13 @@ _scorer: Scorer | None = None
 
 def init_worker(bundle_path: str, top_n: int, torch_threads: int) -> None:
     """ProcessPoolExecutor initializer: load the model once per process."""
-    import torch
-
     # Ctrl-C reaches the whole process group, and a supervisor may signal it too: a worker
-    # that died of it would break the pool. The parent stops its workers itself.
+    # that died of it would break the pool. The parent stops its workers itself. First, as
+    # importing torch takes seconds.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import torch
+
     global _scorer
     torch.set_num_threads(torch_threads)
     _scorer = Scorer(bundle_path, top_n)

@@ -166,6 +166,58 @@ def test_a_lost_reply_to_the_flip_still_expires_the_predecessor(servers: Setting
     assert _record(servers, first.run_id).status == "superseded"
 
 
+def test_an_interruption_after_the_flip_never_removes_the_served_run(
+    servers: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second Ctrl-C (or any exception) after the flip's EXEC, before the run knows it
+    landed: the run is served, its record says `publishing`, the next start says published."""
+    from encore.online.redis_store import RedisOnlineStore
+
+    first = publish_random_run(servers, users=USERS)
+    _second_bundle(servers)
+
+    def interrupted(self, run_id: str, grace_seconds: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RedisOnlineStore, "_expire_previous", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_full(servers)
+    monkeypatch.undo()
+    second = _current(servers)
+    assert second != first.run_id
+    assert _served_lists(servers, second) == USERS - USERS // 10
+    assert _record(servers, second).status == "publishing"
+    upkeep(servers)
+    assert _record(servers, second).status == "published"
+    assert _record(servers, first.run_id).status == "superseded"
+
+
+def test_a_claim_whose_reply_was_lost_is_still_the_runs(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from encore.database.postgres import PostgresDatabase
+    from encore.database.sqlite import SQLiteDatabase
+
+    publish_random_run(settings, users=USERS)
+    with open_database(settings) as db:
+        db.enqueue_run(RunRecord("q-lost", "manual", "queued", created_at=datetime.now(UTC)))
+    lost = []
+    for cls in (SQLiteDatabase, PostgresDatabase):
+        original = cls.claim_run
+
+        def claim(self, run_id, original=original, **values):
+            claimed = original(self, run_id, **values)
+            if not lost:
+                lost.append(run_id)
+                raise StoreUnavailable("the reply to the claim was lost")
+            return claimed
+
+        monkeypatch.setattr(cls, "claim_run", claim)
+    record = run_full(settings, run_id="q-lost")
+    assert lost == ["q-lost"]
+    assert record.status == "published" and _current(settings) == "q-lost"
+
+
 # --------------------------------------------------------------------------------------
 # A blip is not a failure; an outage past the budget is
 # --------------------------------------------------------------------------------------

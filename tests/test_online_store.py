@@ -191,12 +191,34 @@ def test_publish_again_is_a_no_op_that_still_expires_the_predecessor(backend) ->
         _write_run(store, "r2", {1: b"[2]"})
         store.publish("r2", users_total=1, cold_users=0, grace_seconds=60)
         first = store.current()
-        store.expire("r1", 10**6)  # NX: r1 expires already, so nothing changes
+        _keep_for_good(backend, store, "r1")  # as if the first flip's second step was lost
         store.publish("r2", users_total=1, cold_users=0, grace_seconds=60)
         assert store.current() == first
         runs = {run.run_id: run for run in store.runs()}
         assert runs["r2"].expires_in is None
         assert 0 < runs["r1"].expires_in <= 60
+        store.expire("r1", 10**6)  # NX: r1 expires already, so nothing changes
+        assert 0 < {run.run_id: run for run in store.runs()}["r1"].expires_in <= 60
+
+
+def _keep_for_good(backend, store: OnlineStore, run_id: str) -> None:
+    if backend[0] == "redis":
+        for key in store.keys.all(run_id):
+            store.client.persist(key)
+    else:
+        store.conn.execute("UPDATE runs SET expires_at = NULL WHERE run_id = ?", (run_id,))
+    assert {run.run_id: run for run in store.runs()}[run_id].expires_in is None
+
+
+def test_the_served_run_is_never_discarded(backend) -> None:
+    with _store(backend) as store:
+        _write_run(store, "r1", {1: b"[1]"})
+        store.publish("r1", users_total=1, cold_users=0, grace_seconds=60)
+        _write_run(store, "r2", {1: b"[2]"})
+        assert store.discard("r1") is False
+        assert store.current().run_id == "r1" and store.read("r1", [1]) == [b"[1]"]
+        assert store.discard("r2") is True
+        assert store.run_info("r2") is None
 
 
 def test_rollback_keeps_the_first_publication_time(backend) -> None:

@@ -121,7 +121,12 @@ class Database(ABC):
         """Apply pending migrations; return the names applied."""
 
     @abstractmethod
-    def create_run(self, record: RunRecord) -> None: ...
+    def create_run(self, record: RunRecord) -> None:
+        """Insert the record; one already stored under its id is left as it is (a retry)."""
+
+    @abstractmethod
+    def save_progress(self, run_id: str, *, users_scored: int, cold_users: int) -> None:
+        """Progress of a running run; a no-op once the run has moved on (a late save)."""
 
     @abstractmethod
     def update_run(self, run_id: str, **values: Any) -> None: ...

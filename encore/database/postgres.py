@@ -63,7 +63,7 @@ def _insert_run_sql(values: dict[str, Any]) -> str:
     present = [k for k, v in values.items() if v is not None]
     return (
         f"INSERT INTO runs ({', '.join(present)}) "
-        f"VALUES ({', '.join('%(' + k + ')s' for k in present)})"
+        f"VALUES ({', '.join('%(' + k + ')s' for k in present)}) ON CONFLICT (run_id) DO NOTHING"
     )
 
 
@@ -139,6 +139,14 @@ class PostgresDatabase(Database):
         values = _run_values(record)
         with self._conn() as conn:
             conn.execute(_insert_run_sql(values), values)
+
+    def save_progress(self, run_id: str, *, users_scored: int, cold_users: int) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE runs SET users_scored = %s, cold_users = %s"
+                " WHERE run_id = %s AND status = 'running'",
+                (users_scored, cold_users, run_id),
+            )
 
     def update_run(self, run_id: str, **values: Any) -> None:
         with self._conn() as conn:
@@ -375,7 +383,18 @@ class _AdvisoryLock(RunLock):
 
     def acquire(self) -> None:
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            # Keepalives and a TCP timeout: `check` must fail, not hang, on a connection that
+            # a network fault left half open.
+            conn = psycopg.connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=10,
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=2,
+                tcp_user_timeout=10_000,
+            )
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
         try:

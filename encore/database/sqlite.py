@@ -83,7 +83,8 @@ def _insert_run(conn: sqlite3.Connection, record: RunRecord) -> None:
     values["created_at"] = values["created_at"] or _to_text(datetime.now(UTC))
     present = [k for k, v in values.items() if v is not None]
     conn.execute(
-        f"INSERT INTO runs ({', '.join(present)}) VALUES ({', '.join('?' * len(present))})",
+        f"INSERT INTO runs ({', '.join(present)}) VALUES ({', '.join('?' * len(present))})"
+        " ON CONFLICT (run_id) DO NOTHING",
         [values[k] for k in present],
     )
 
@@ -162,6 +163,10 @@ class SQLiteDatabase(Database):
 
     def create_run(self, record: RunRecord) -> None:
         _insert_run(self.conn, record)
+
+    def save_progress(self, run_id: str, *, users_scored: int, cold_users: int) -> None:
+        values = {"users_scored": users_scored, "cold_users": cold_users}
+        _update_run(self.conn, run_id, values, where=" AND status = 'running'")
 
     def update_run(self, run_id: str, **values: Any) -> None:
         _update_run(self.conn, run_id, values)

@@ -90,8 +90,12 @@ class OnlineStore(ABC):
         """Make a still-readable earlier run current again."""
 
     @abstractmethod
-    def discard(self, run_id: str) -> None:
-        """Delete a run's keyspace (never call it on the current run)."""
+    def discard(self, run_id: str) -> bool:
+        """Delete a run's keyspace; False, and nothing deleted, if it is the current run.
+
+        The check and the delete are one transaction: whatever a process believes, the run
+        being served is never removed.
+        """
 
     @abstractmethod
     def runs(self) -> list[StoredRun]:

@@ -211,9 +211,20 @@ class RedisOnlineStore(OnlineStore):
         self.publish(run_id, users_total=info.users, cold_users=0, grace_seconds=grace_seconds)
         return info
 
-    def discard(self, run_id: str) -> None:
-        self._call("discard", self.client.unlink, *self.keys.all(run_id))
+    def discard(self, run_id: str) -> bool:
+        def unlink(pipe: redis.client.Pipeline) -> bool:
+            current = pipe.get(self.keys.current)
+            if current is not None and current.decode() == run_id:
+                return False
+            pipe.multi()
+            pipe.unlink(*self.keys.all(run_id))
+            return True
+
+        removed = self._call(
+            "discard", self.client.transaction, unlink, self.keys.current, value_from_callable=True
+        )
         self._pending.discard(run_id)
+        return removed
 
     def runs(self) -> list[StoredRun]:
         pattern = self.keys.meta("*")

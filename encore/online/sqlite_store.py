@@ -205,11 +205,14 @@ class SQLiteOnlineStore(OnlineStore):
         self.publish(run_id, users_total=info.users, cold_users=0, grace_seconds=grace_seconds)
         return info
 
-    def discard(self, run_id: str) -> None:
+    def discard(self, run_id: str) -> bool:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
+            if self._current_id() == run_id:
+                return False
             for table in ("recs", "names", "runs"):
                 self.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+        return True
 
     def runs(self) -> list[StoredRun]:
         now = time.time()
