@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class Answer:
     body: bytes
     retry_after: str | None
     tag: str = ""
+    started: float = 0.0  # time.monotonic() when the request was sent (set by Load)
+    finished: float = 0.0  # and when its answer came
 
     def json(self):
         return json.loads(self.body)
@@ -73,7 +75,8 @@ class Load:
         for _ in range(self.max_calls):
             if self._stop.is_set() or time.monotonic() > deadline:
                 return
-            answer = self.send()
+            started = time.monotonic()
+            answer = replace(self.send(), started=started, finished=time.monotonic())
             with self._lock:
                 self.answers.append(answer)
 
