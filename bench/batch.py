@@ -107,10 +107,10 @@ def naive(home: Path, version: str, client: redis.Redis, sample: int, top_n: int
     import torch
 
     from encore.bundle import open_bundle
-    from scheduler.worker import Scorer
+    from inference import load_model
 
     torch.set_num_threads(1)
-    scorer = Scorer(open_bundle(home / "bundles", version).path, top_n)
+    scorer = load_model(open_bundle(home / "bundles", version), top_n=top_n)
     codes = np.random.default_rng(1).choice(len(scorer.user_ids), sample, replace=False)
     clock = time.perf_counter()
     for code in codes:

@@ -39,7 +39,7 @@ def run_full(
         bundle = promoted_bundle(settings.bundles_dir)
         n_users = len(bundle.user_ids())
         batches = [
-            (s, min(n_users, s + settings.batch_size))
+            range(s, min(n_users, s + settings.batch_size))
             for s in range(0, n_users, settings.batch_size)
         ]
         return Plan(bundle, record.run_id, batches, n_users, settings.top_n, flip=True)

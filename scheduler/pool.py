@@ -1,17 +1,20 @@
-"""Scoring batches in a spawn process pool, with backpressure and a prompt stop."""
+"""The local engine: batches scored in a spawn process pool, with backpressure and a prompt
+stop. Each process loads the model version once, through the inference seam."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
 
 from encore.bundle import Bundle
 from encore.errors import RunStopped
 from encore.settings import Settings
-from scheduler.worker import BatchResult, init_worker, score_batch
+from inference import ModelVersion, ScoredBatch, Users, load_model
 
 logger = logging.getLogger("encore.scheduler.pool")
 
@@ -26,7 +29,7 @@ def score_in_pool(
     bundle: Bundle,
     batches: list,
     top_n: int,
-    on_result: Callable[[BatchResult], None],
+    on_result: Callable[[ScoredBatch], None],
     *,
     stop: threading.Event,
 ) -> None:
@@ -78,3 +81,28 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
             process.kill()  # workers ignore SIGTERM: the parent decides when they stop
     for process in processes:
         process.join(timeout=WORKER_EXIT_SECONDS)
+
+
+# The scoring process's model version, loaded once by the pool's initializer.
+_model: ModelVersion | None = None
+
+
+def init_worker(bundle_path: str, top_n: int, torch_threads: int) -> None:
+    """ProcessPoolExecutor initializer: load the model version once per process."""
+    # Ctrl-C reaches the whole process group, and a supervisor may signal it too: a worker
+    # that died of it would break the pool. The parent stops its workers itself. First, as
+    # importing torch takes seconds.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import torch
+
+    global _model
+    torch.set_num_threads(torch_threads)
+    _model = load_model(Path(bundle_path), top_n=top_n)
+
+
+def score_batch(users: Users) -> ScoredBatch:
+    """Score one batch in a pool process; only what the store keeps travels back."""
+    if _model is None:  # pragma: no cover - the initializer always ran in a pool worker
+        raise RuntimeError("score_batch called outside an initialized worker")
+    return _model.score(users).for_store()

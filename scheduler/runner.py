@@ -22,11 +22,11 @@ from encore.errors import EncoreError, RunFailed, RunLocked, RunStopped, StoreUn
 from encore.online import OnlineStore
 from encore.redact import redact
 from encore.settings import Settings
+from inference import ScoredBatch, load_model
 from scheduler.drift import compare_runs
 from scheduler.lifecycle import ProgressSaver, maintain, until_it_lands, within_budget
 from scheduler.metrics import RunMetrics
 from scheduler.pool import score_in_pool
-from scheduler.worker import BatchResult, Scorer
 
 logger = logging.getLogger("encore.scheduler.job")
 
@@ -142,7 +142,7 @@ class RunExecution:
         saver = ProgressSaver(lambda: open_database(self.settings), self.run_id)
         last_check = [time.monotonic()]
 
-        def on_result(result: BatchResult) -> None:
+        def on_result(result: ScoredBatch) -> None:
             write_clock = time.perf_counter()
             self.persist(self.store.write_batch, plan.write_into, result.user_ids, result.payloads)
             if not plan.flip and len(result.cold_user_ids):
@@ -177,11 +177,11 @@ class RunExecution:
             self.report("score users", 0, plan.users_total)
             if len(plan.batches) <= 1 and not plan.flip:
                 # A handful of users: spinning up a pool would cost more than scoring them.
-                scorer = Scorer(plan.bundle.path, plan.top_n)
+                model = load_model(plan.bundle, top_n=plan.top_n)
                 for batch in plan.batches:
                     if self.stop.is_set():
                         raise RunStopped("stopped on request before the flip")
-                    on_result(scorer.score(batch))
+                    on_result(model.score(batch))
             else:
                 score_in_pool(
                     self.settings, plan.bundle, plan.batches, plan.top_n, on_result, stop=self.stop

@@ -21,10 +21,10 @@ from encore.bundle import (
     write_bundle,
 )
 from encore.errors import BundleError
+from inference.ranker import load_ranker, padded_candidates, rank_users
 from training.fit import TrainParams
 from training.ingest import read_catalog, read_interactions
 from training.pairing import Pairings
-from training.ranker import load_ranker, padded_candidates, rank_users
 from training.synthetic import SyntheticSpec, generate
 
 PARAMS = TrainParams(neighbours=20, candidates=30, dim=16, hidden=(16,), epochs=2, seed=3)

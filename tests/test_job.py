@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -20,9 +19,9 @@ from encore.database import open_database
 from encore.errors import RunFailed, RunLocked
 from encore.online import open_online_store
 from encore.settings import Settings
+from inference import load_model
 from scheduler.job import rollback, run_backfill, run_full
 from scheduler.metrics import RunMetrics
-from scheduler.worker import Scorer
 from tests.support import publish_random_run
 from training.random_bundle import build_random_bundle
 
@@ -60,8 +59,8 @@ def test_a_run_scores_every_user_and_publishes(settings: Settings) -> None:
         assert store.count(record.run_id) == USERS - cold
     lists = _all_lists(settings, record.run_id)
     # What the pool wrote is exactly what the model gives for those users in this process.
-    scorer = Scorer(open_bundle(settings.bundles_dir, "random-v1").path, settings.top_n)
-    expected = scorer.score(np.arange(USERS))
+    model = load_model(open_bundle(settings.bundles_dir, "random-v1"), top_n=settings.top_n)
+    expected = model.score(range(USERS))
     by_user = dict(zip(expected.user_ids.tolist(), expected.payloads, strict=True))
     for code, payload in enumerate(lists):
         assert payload == by_user.get(7 * (code + 1)), f"user code {code}"

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from encore.database import RunRecord, open_database
 from encore.settings import Settings
+from inference.lists import encode_lists, popularity_deciles
 from scheduler.cron import (
     JOB_ID,
     QUEUE_JOB_ID,
@@ -25,7 +26,6 @@ from scheduler.cron import (
     nightly,
 )
 from scheduler.drift import compare_runs, psi
-from scheduler.worker import encode_lists, popularity_deciles
 from tests.support import publish_random_run
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from inference.ranker import FEATURES, Ranker, padded_candidates
 from training.matrix import activity, interaction_matrix, low_rank_factors, popularity
 from training.pairing import PairingParams, Pairings, pair_users
 from training.protocol import holdout_mask
-from training.ranker import FEATURES, Ranker, padded_candidates
 
 logger = logging.getLogger("encore.fit")
 

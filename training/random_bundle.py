@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 
 from encore.bundle import Bundle, promote, write_bundle
+from inference.ranker import Ranker
 from training.pairing import Pairings
-from training.ranker import Ranker
 
 
 def build_random_bundle(
@@ -88,7 +88,8 @@ def build_random_bundle(
         "hyperparameters": {"random_weights": True, "seed": seed},
         "metrics": {},
         "model": {
-            "class": "training.ranker.Ranker",
+            "kind": "ranker",
+            "class": "inference.ranker.Ranker",
             "n_users": users,
             "n_items": playlists,
             "dim": dim,

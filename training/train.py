@@ -93,7 +93,8 @@ def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
 def model_spec(fitted: FittedModel) -> dict:
     ranker = fitted.ranker
     return {
-        "class": "training.ranker.Ranker",
+        "kind": "ranker",
+        "class": "inference.ranker.Ranker",
         "format": "torch.save(state_dict), weights_only",
         "n_users": ranker.user_embedding.num_embeddings,
         "n_items": ranker.item_embedding.num_embeddings,

@@ -1,4 +1,4 @@
-"""The playlist ranking model: embeddings next to what the neighbours already say.
+"""The built-in model kind, ``ranker``: embeddings next to what the neighbours already say.
 
 A ranker that only reorders candidates by a dot product does worse than the neighbour support
 itself, so the score is a small MLP over the pair's features: the candidate's support and its
@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from encore.bundle import Bundle
+from inference.base import ModelVersion
+from inference.candidates import CandidateArrays
 
 FEATURES = (
     "log_support",
@@ -211,3 +213,16 @@ def load_ranker(bundle: Bundle) -> Ranker:
     ranker.user_embedding.weight.requires_grad_(False)
     ranker.item_embedding.weight.requires_grad_(False)
     return ranker.eval()
+
+
+class RankerModel(ModelVersion):
+    """A bundle of the built-in ranker (its state dict), loaded for inference."""
+
+    def __init__(self, bundle: Bundle, *, top_n: int) -> None:
+        super().__init__(bundle, top_n=top_n)
+        self.ranker = load_ranker(bundle)
+
+    def rank(
+        self, users: np.ndarray, candidates: CandidateArrays, rows: np.ndarray | None
+    ) -> np.ndarray:
+        return rank_users(self.ranker, candidates, users, self.top_n, rows=rows)

@@ -1,0 +1,90 @@
+"""The interface every model kind implements, and what scoring a batch gives back."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from encore.bundle import Bundle
+from inference.candidates import CandidateArrays, CandidateReader
+from inference.lists import encode_lists, popularity_deciles
+
+# A batch of users: a contiguous range of user codes (a full run's batches), or user codes.
+Users = range | np.ndarray
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """One batch's lists, as ids and as the JSON bytes the online store keeps."""
+
+    user_ids: np.ndarray  # int64 ids of the users with a list
+    playlist_ids: np.ndarray | None  # (len(user_ids), top_n) int64, -1 past a list's end
+    payloads: list[bytes]  # JSON bytes of each list (``[12,7,3]``), aligned with user_ids
+    cold_user_ids: np.ndarray  # users without candidates: they read the run's fallback
+    deciles: np.ndarray  # recommended playlists per popularity decile (1 = most popular)
+    seconds: float
+
+    def for_store(self) -> ScoredBatch:
+        """Without the id matrix: what a scoring process sends back to the one that writes."""
+        return replace(self, playlist_ids=None)
+
+
+class ModelVersion(ABC):
+    """A model version loaded once per process: user codes in, top-n lists out.
+
+    A kind implements :meth:`rank`, the top-n playlist codes of a batch of users from their
+    candidates; reading the candidates, mapping codes to ids, encoding the lists and counting
+    their popularity deciles are the same for every kind.
+    """
+
+    def __init__(self, bundle: Bundle, *, top_n: int) -> None:
+        self.bundle = bundle
+        self.top_n = top_n
+        self.user_ids = np.asarray(bundle.user_ids())
+        self.playlist_ids = np.asarray(bundle.playlist_ids())
+        self.candidates = CandidateReader(bundle.pairings_dir)
+        self.decile = popularity_deciles(bundle.popularity())
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @abstractmethod
+    def rank(
+        self, users: np.ndarray, candidates: CandidateArrays, rows: np.ndarray | None
+    ) -> np.ndarray:
+        """Top ``top_n`` playlist codes per user code, ``(len(users), top_n)``, -1 padded.
+
+        ``rows`` are the users' rows in ``candidates`` when it holds a slice of the
+        pairings rather than every user; None when it holds every user.
+        """
+
+    def score(self, users: Users) -> ScoredBatch:
+        """The lists of a batch of users (codes in this bundle's id map)."""
+        clock = time.perf_counter()
+        if isinstance(users, range):
+            if users.step != 1:
+                raise ValueError(f"a range of users must be contiguous, not {users!r}")
+            codes = np.arange(users.start, users.stop, dtype=np.int64)
+            top = self.rank(
+                codes, self.candidates.slice(users.start, users.stop), np.arange(len(codes))
+            )
+        else:
+            codes = np.asarray(users, dtype=np.int64)
+            top = self.rank(codes, self.candidates.every_user, None)
+        has_list = top[:, 0] >= 0
+        warm = top[has_list]
+        valid = warm >= 0
+        ids = np.where(valid, self.playlist_ids[np.maximum(warm, 0)], -1)
+        deciles = np.bincount(self.decile[warm[valid]], minlength=11)[1:]
+        return ScoredBatch(
+            user_ids=self.user_ids[codes[has_list]],
+            playlist_ids=ids,
+            payloads=encode_lists(ids, valid),
+            cold_user_ids=self.user_ids[codes[~has_list]],
+            deciles=deciles.astype(np.int64),
+            seconds=time.perf_counter() - clock,
+        )
