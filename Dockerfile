@@ -75,7 +75,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --locked --no-default-groups --no-editable
 
 # Fail the build, not the first request, if the app cannot load or a worker package came in.
-RUN /app/.venv/bin/python -c "import model_server.main; from encore.worker_group import WORKER_MODULES as w, missing_worker_packages as m; came = set(w.values()) - set(m()); assert not came, came"
+RUN /app/.venv/bin/python -c "import model_server.main; from encore.cli.worker_group import WORKER_MODULES as w, missing_worker_packages as m; came = set(w.values()) - set(m()); assert not came, came"
 
 
 FROM api-deps AS worker-build
@@ -141,7 +141,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 
 # Fail the build, not the first night, if torch is not the CPU build or a worker package is
 # missing.
-RUN /app/.venv/bin/python -c "import torch, encore.cli; from encore.worker_group import missing_worker_packages as m; assert not m(), m(); assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__)"
+RUN /app/.venv/bin/python -c "import torch, encore.cli; from encore.cli.worker_group import missing_worker_packages as m; assert not m(), m(); assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__)"
 
 
 # What both images share: a fixed non-root user and the settings.

@@ -16,7 +16,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from encore.worker_group import WORKER_MODULES
+from encore.cli.worker_group import WORKER_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,7 +215,7 @@ def test_every_command_is_either_an_api_or_a_batch_command() -> None:
     import typer.main
 
     from encore.cli import app
-    from encore.worker_group import WorkerCommand
+    from encore.cli.worker_group import WorkerCommand
 
     def commands(group, prefix=""):
         for name, command in group.commands.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from encore import metrics as names
-from encore.demo import prepare
+from encore.cli.demo import prepare
 from encore.settings import get_settings
 from scheduler.cron import metrics_registry
 

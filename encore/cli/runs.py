@@ -1,24 +1,21 @@
-"""Operational commands: runs, backfill, database, feedback export, scheduler, server."""
+"""Runs: `encore run`, `encore backfill`, `encore runs list|show|rollback`."""
 
 from __future__ import annotations
 
 import json
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from encore.cli.worker_group import WorkerCommand
 from encore.console import console, print_table, stage_progress
 from encore.errors import InputError
 from encore.settings import get_settings
-from encore.worker_group import WorkerCommand
 
 runs_app = typer.Typer(help="Inspect published runs and roll back.", no_args_is_help=True)
-db_app = typer.Typer(help="The run-record and feedback database.", no_args_is_help=True)
-feedback_app = typer.Typer(help="Feedback events.", no_args_is_help=True)
 
 
 def run(
@@ -149,96 +146,6 @@ def runs_rollback(run_id: Annotated[str, typer.Argument()]) -> None:
         f"now serving run {record.target_run_id} (model {record.model_version}); "
         f"recorded as run {record.run_id}"
     )
-
-
-@db_app.command("upgrade")
-def db_upgrade() -> None:
-    """Apply the pending schema migrations."""
-    from encore.database import open_database
-
-    with open_database(get_settings()) as db:
-        applied = db.upgrade()
-    console.print(f"applied {', '.join(applied)}" if applied else "the schema is up to date")
-
-
-@feedback_app.command("export", cls=WorkerCommand)
-def feedback_export(
-    since: Annotated[datetime, typer.Option(help="Events created at or after this time (UTC).")],
-    out: Annotated[Path, typer.Option(help="Parquet file to write.")],
-) -> None:
-    """Write feedback events as Parquet, for retraining."""
-    from encore.feedback_export import export_feedback
-
-    since = since if since.tzinfo else since.replace(tzinfo=UTC)
-    rows = export_feedback(get_settings(), since, out)
-    console.print(f"wrote {rows:,} feedback events since {since.isoformat()} to {out}")
-
-
-def scheduler() -> None:
-    """Run the nightly schedule (APScheduler) and serve its metrics."""
-    from scheduler.cron import run_scheduler
-
-    run_scheduler(get_settings())
-
-
-def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address [ENCORE_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [ENCORE_PORT].")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
-) -> None:
-    """Serve the HTTP API, the feedback page and /metrics."""
-    import uvicorn
-
-    settings = get_settings()
-    uvicorn.run(
-        "model_server.main:app",
-        host=host or settings.host,
-        port=port if port is not None else settings.port,
-        workers=workers,
-        log_level="info",
-        access_log=False,
-    )
-
-
-def demo(
-    port: Annotated[int, typer.Option(help="Port of the API and the page.")] = 8000,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
-    interactions: Annotated[
-        Path | None, typer.Option(help="Use this interactions file instead of generated data.")
-    ] = None,
-    catalog: Annotated[Path | None, typer.Option(help="Playlist names for --interactions.")] = None,
-    columns: Annotated[str | None, typer.Option(help="Columns of a header-less file.")] = None,
-    sep: Annotated[str | None, typer.Option(help="Field separator.")] = None,
-    users: Annotated[int, typer.Option(min=10, help="Generated users.")] = 20_000,
-    playlists: Annotated[int, typer.Option(min=10, help="Generated playlists.")] = 4_000,
-    fresh: Annotated[bool, typer.Option(help="Generate and train again.")] = False,
-    run_evaluation: Annotated[
-        bool, typer.Option("--evaluate/--no-evaluate", help="Also run the quality protocol.")
-    ] = False,
-    serve_after: Annotated[
-        bool, typer.Option("--serve/--no-serve", help="Serve until Ctrl-C once published.")
-    ] = True,
-) -> None:
-    """Generate data, train, publish a run, then serve the API, page and scheduler."""
-    from encore import demo as run_demo
-    from scheduler.cron import metrics_registry
-
-    settings = get_settings()
-    metrics = metrics_registry(settings)
-    run_demo.prepare(
-        settings,
-        interactions=interactions,
-        catalog=catalog,
-        columns=[c.strip() for c in columns.split(",")] if columns else None,
-        sep={"\\t": "\t", "tab": "\t"}.get(sep, sep) if sep else None,
-        users=users,
-        playlists=playlists,
-        fresh=fresh or interactions is not None,
-        run_evaluation=run_evaluation,
-        metrics=metrics,
-    )
-    if serve_after:
-        run_demo.serve(settings, host=host, port=port, metrics=metrics)
 
 
 def _print_run(record) -> None:

@@ -10,16 +10,58 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
+
+import typer
 
 from encore.console import console, stage_progress
 from encore.errors import EncoreError
-from encore.settings import Settings
+from encore.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from scheduler.metrics import RunMetrics
 
 logger = logging.getLogger("encore.demo")
+
+
+def demo(
+    port: Annotated[int, typer.Option(help="Port of the API and the page.")] = 8000,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    interactions: Annotated[
+        Path | None, typer.Option(help="Use this interactions file instead of generated data.")
+    ] = None,
+    catalog: Annotated[Path | None, typer.Option(help="Playlist names for --interactions.")] = None,
+    columns: Annotated[str | None, typer.Option(help="Columns of a header-less file.")] = None,
+    sep: Annotated[str | None, typer.Option(help="Field separator.")] = None,
+    users: Annotated[int, typer.Option(min=10, help="Generated users.")] = 20_000,
+    playlists: Annotated[int, typer.Option(min=10, help="Generated playlists.")] = 4_000,
+    fresh: Annotated[bool, typer.Option(help="Generate and train again.")] = False,
+    run_evaluation: Annotated[
+        bool, typer.Option("--evaluate/--no-evaluate", help="Also run the quality protocol.")
+    ] = False,
+    serve_after: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Serve until Ctrl-C once published.")
+    ] = True,
+) -> None:
+    """Generate data, train, publish a run, then serve the API, page and scheduler."""
+    from scheduler.cron import metrics_registry
+
+    settings = get_settings()
+    metrics = metrics_registry(settings)
+    prepare(
+        settings,
+        interactions=interactions,
+        catalog=catalog,
+        columns=[c.strip() for c in columns.split(",")] if columns else None,
+        sep={"\\t": "\t", "tab": "\t"}.get(sep, sep) if sep else None,
+        users=users,
+        playlists=playlists,
+        fresh=fresh or interactions is not None,
+        run_evaluation=run_evaluation,
+        metrics=metrics,
+    )
+    if serve_after:
+        serve(settings, host=host, port=port, metrics=metrics)
 
 
 def _check_port(host: str, port: int, what: str) -> None:

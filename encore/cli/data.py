@@ -1,39 +1,16 @@
-"""The `encore` command line. Commands import their role's code lazily: `--help` stays fast."""
+"""Data and models' quality: `encore generate`, `encore train`, `encore evaluate`."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from encore import cli_ops
-from encore.console import configure_logging, console, print_table, stage_progress
-from encore.errors import EncoreError
+from encore.console import console, stage_progress
 from encore.settings import get_settings
-from encore.worker_group import WHERE, WorkerCommand, worker_module_missing
-
-app = typer.Typer(
-    help="Encore: nightly batch recommendations, published and served.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-models_app = typer.Typer(help="List and promote model bundles.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-# WorkerCommand: the batch side, which needs the `worker` dependency group (not in the API image).
-app.command(cls=WorkerCommand)(cli_ops.demo)
-app.command(cls=WorkerCommand)(cli_ops.run)
-app.command(cls=WorkerCommand)(cli_ops.backfill)
-app.add_typer(cli_ops.runs_app, name="runs")
-app.command()(cli_ops.serve)
-app.command(cls=WorkerCommand)(cli_ops.scheduler)
-app.add_typer(cli_ops.db_app, name="db")
-app.add_typer(cli_ops.feedback_app, name="feedback")
 
 InteractionsOpt = Annotated[
     Path, typer.Option("--interactions", "-i", help="CSV, TSV or Parquet interactions file.")
@@ -53,7 +30,6 @@ def _sep(value: str | None) -> str | None:
     return {"\\t": "\t", "tab": "\t"}.get(value, value) if value else None
 
 
-@app.command(cls=WorkerCommand)
 def generate(
     users: Annotated[int, typer.Option(min=1, help="Number of users.")],
     playlists: Annotated[int, typer.Option(min=2, help="Number of playlists.")],
@@ -82,7 +58,6 @@ def _train_params(**overrides: object):
     return TrainParams(**{k: v for k, v in overrides.items() if v is not None})
 
 
-@app.command(cls=WorkerCommand)
 def train(
     interactions: InteractionsOpt,
     catalog: Annotated[
@@ -137,7 +112,6 @@ def train(
     )
 
 
-@app.command(cls=WorkerCommand)
 def evaluate(
     interactions: InteractionsOpt,
     columns: ColumnsOpt = None,
@@ -183,58 +157,3 @@ def _print_evaluation(result: dict) -> None:
         f"{result['users_evaluated']:,} users evaluated, {result['held_out']:,} held-out rows, "
         f"fit in {result['train_seconds']:.1f} s"
     )
-
-
-@models_app.command("list", cls=WorkerCommand)
-def models_list() -> None:
-    """Bundles under ENCORE_HOME, oldest first; * marks the promoted one."""
-    from encore.bundle import list_bundles, promoted_version
-
-    bundles_dir = get_settings().bundles_dir
-    current = promoted_version(bundles_dir)
-    table = Table()
-    for column in ("", "version", "created", "users", "playlists", "recall@10", "ndcg@10"):
-        table.add_column(column, no_wrap=True)
-    for bundle in list_bundles(bundles_dir):
-        meta = bundle.metadata
-        metrics = meta.get("metrics", {})
-        table.add_row(
-            "*" if bundle.version == current else "",
-            bundle.version,
-            meta.get("created_at", "")[:19],
-            f"{meta['data']['users']:,}",
-            f"{meta['data']['playlists']:,}",
-            str(metrics.get("recall@10", "-")),
-            str(metrics.get("ndcg@10", "-")),
-        )
-    print_table(table)
-
-
-@models_app.command("promote", cls=WorkerCommand)
-def models_promote(version: Annotated[str, typer.Argument(help="Bundle version.")]) -> None:
-    """Make VERSION the model the next run uses."""
-    from encore.bundle import promote
-
-    bundle = promote(get_settings().bundles_dir, version)
-    console.print(f"promoted {bundle.version}")
-
-
-def main() -> None:
-    configure_logging()
-    try:
-        app()
-    except EncoreError as exc:
-        _fail(str(exc))
-    except ModuleNotFoundError as exc:
-        # Behind WorkerCommand: a command that reaches the batch side without being marked
-        # one still ends in one line in the API image, not in a traceback.
-        if not worker_module_missing(exc):
-            raise
-        _fail(f"{exc}, a worker package: {WHERE}")
-
-
-def _fail(message: str) -> None:
-    # Escaped: a bad value such as "[bold]" is data, not markup. Not wrapped: the
-    # "file, line N" message must stay one line to be read, grepped and copied.
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    sys.exit(1)
