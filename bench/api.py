@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 LUA = """
 math.randomseed(%(seed)d)
 local users, count = %(users)d, %(count)d
@@ -83,7 +85,9 @@ def main() -> None:
 
     from encore.settings import Settings
     from scheduler.job import run_full
-    from training.random_bundle import build_random_bundle
+
+    sys.path.insert(0, str(REPO))  # the test fixtures: tests/random_bundle.py
+    from tests.random_bundle import build_random_bundle
 
     try:
         redis.Redis.from_url(args.redis_url).ping()

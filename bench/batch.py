@@ -15,6 +15,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -27,9 +28,12 @@ import redis
 from encore.settings import Settings
 from scheduler.job import run_full
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _build(home: Path, users: int, playlists: int, candidates: int, dim: int) -> str:
-    from training.random_bundle import build_random_bundle
+    sys.path.insert(0, str(REPO))  # the test fixtures: tests/random_bundle.py
+    from tests.random_bundle import build_random_bundle
 
     bundle = build_random_bundle(
         home / "bundles", users=users, playlists=playlists, candidates=candidates, dim=dim

@@ -39,6 +39,8 @@ from encore.online import open_online_store
 from encore.settings import Settings
 from scheduler.job import run_full
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _database(admin_url: str) -> str:
     name = f"encore_bench_{uuid.uuid4().hex[:8]}"
@@ -169,7 +171,8 @@ def main() -> None:
         help="a database to create the benchmark's own database from",
     )
     args = parser.parse_args()
-    from training.random_bundle import build_random_bundle
+    sys.path.insert(0, str(REPO))  # the test fixtures: tests/random_bundle.py
+    from tests.random_bundle import build_random_bundle
 
     database_url = _database(args.postgres_url)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from encore.database import RunRecord
 from encore.settings import Settings
 from scheduler.job import run_full
-from training.random_bundle import build_random_bundle
+from tests.random_bundle import build_random_bundle
 
 
 def publish_random_run(

@@ -22,7 +22,7 @@ from encore.settings import get_settings
 from model_server.app import create_app
 from tests.support import publish_random_run
 from tests.test_api import BACKENDS, VERSION, error_detail
-from training.random_bundle import build_random_bundle
+from tests.random_bundle import build_random_bundle
 
 TOKEN = "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

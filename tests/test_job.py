@@ -23,7 +23,7 @@ from inference import load_model
 from scheduler.job import rollback, run_backfill, run_full
 from scheduler.metrics import RunMetrics
 from tests.support import publish_random_run
-from training.random_bundle import build_random_bundle
+from tests.random_bundle import build_random_bundle
 
 USERS = 300
 COLD_EVERY = 10

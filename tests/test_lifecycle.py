@@ -28,7 +28,7 @@ from scheduler.job import rollback, run_full, run_queued
 from tests.conftest import REDIS_URL
 from tests.faults import ReplyDroppingProxy, blip_database, cut_database, restore_database
 from tests.support import publish_random_run
-from training.random_bundle import build_random_bundle
+from tests.random_bundle import build_random_bundle
 
 USERS = 300
 

@@ -28,7 +28,7 @@ from encore.settings import Settings
 from scheduler.job import run_full
 from tests.conftest import IN_CI
 from tests.promql import ALERTS, all_expressions
-from training.random_bundle import build_random_bundle
+from tests.random_bundle import build_random_bundle
 
 KEY_PANELS = (
     "panel 'Request rate' target A",

@@ -115,7 +115,7 @@ def server(
     from encore.settings import get_settings
     from model_server.app import create_app
     from scheduler.job import run_full
-    from training.random_bundle import build_random_bundle
+    from tests.random_bundle import build_random_bundle
 
     home = tmp_path_factory.mktemp("page") / "home"
     with store_env(request.param) as stores:
