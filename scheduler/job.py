@@ -16,10 +16,11 @@ from encore.database import Database, RunRecord, new_run_id, open_database
 from encore.database.base import RunLock
 from encore.errors import EncoreError, RunLocked
 from encore.online import OnlineStore, open_online_store
+from encore.progress import Progress
 from encore.settings import Settings
 from scheduler.lifecycle import process_owner, within_budget
 from scheduler.metrics import RunMetrics
-from scheduler.runner import Plan, PlanMaker, Progress, RunExecution
+from scheduler.runner import Plan, PlanMaker, RunExecution
 
 logger = logging.getLogger("encore.scheduler.job")
 

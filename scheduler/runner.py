@@ -20,6 +20,7 @@ from encore.database import Database, RunRecord, open_database
 from encore.database.base import RunLock
 from encore.errors import EncoreError, RunFailed, RunLocked, RunStopped, StoreUnavailable
 from encore.online import OnlineStore
+from encore.progress import Progress
 from encore.redact import redact
 from encore.settings import Settings
 from inference import ScoredBatch, load_model
@@ -30,7 +31,6 @@ from scheduler.pool import score_in_pool
 
 logger = logging.getLogger("encore.scheduler.job")
 
-Progress = Callable[..., None]
 LOCK_CHECK_SECONDS = 2.0
 
 

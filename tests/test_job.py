@@ -22,8 +22,8 @@ from encore.settings import Settings
 from inference import load_model
 from scheduler.job import rollback, run_backfill, run_full
 from scheduler.metrics import RunMetrics
-from tests.support import publish_random_run
 from tests.random_bundle import build_random_bundle
+from tests.support import publish_random_run
 
 USERS = 300
 COLD_EVERY = 10

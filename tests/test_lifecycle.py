@@ -27,8 +27,8 @@ from scheduler.cron import needs_catch_up, upkeep
 from scheduler.job import rollback, run_full, run_queued
 from tests.conftest import REDIS_URL
 from tests.faults import ReplyDroppingProxy, blip_database, cut_database, restore_database
-from tests.support import publish_random_run
 from tests.random_bundle import build_random_bundle
+from tests.support import publish_random_run
 
 USERS = 300
 

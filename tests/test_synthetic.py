@@ -19,7 +19,7 @@ def generated(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     calls: list[tuple[int, int]] = []
     spec = SyntheticSpec(users=USERS, playlists=PLAYLISTS, seed=0, chunk_users=700)
-    data = generate(spec, out, progress=lambda done, total: calls.append((done, total)))
+    data = generate(spec, out, progress=lambda stage, done, total: calls.append((done, total)))
     return data, calls
 
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from encore.progress import Progress
 from inference.ranker import rank_users
-from training.fit import FittedModel, Progress, TrainParams, fit
+from training.fit import FittedModel, TrainParams, fit
 from training.ingest import Interactions
 from training.matrix import encode
 from training.protocol import CUTOFF, RankingMetrics, holdout_mask, ranking_metrics

@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from encore.progress import Progress
 from inference.ranker import FEATURES, Ranker, padded_candidates
 from training.matrix import activity, interaction_matrix, low_rank_factors, popularity
 from training.pairing import PairingParams, Pairings, pair_users
 from training.protocol import holdout_mask
 
 logger = logging.getLogger("encore.fit")
-
-# stage name, units done, units in all, extra fields shown next to the bar (the loss)
-Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)

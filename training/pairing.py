@@ -9,7 +9,6 @@ never one Python object per pair.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from encore.progress import Progress
 from training.ann import ann_neighbours, worker_threads
 from training.matrix import popularity, row_normalize
 
 logger = logging.getLogger("encore.pairing")
 
-Progress = Callable[[int, int], None]
 # Above this many multiply-adds (sum of squared item popularities) the exact product is
 # slower than building an approximate index.
 EXACT_WORK_LIMIT = 4e9
@@ -112,7 +111,7 @@ def exact_neighbours(
             idx[start:stop, :k_eff] = columns.numpy()
             sim[start:stop, :k_eff] = values.numpy()
         if progress:
-            progress(stop, n_users)
+            progress("neighbours", stop, n_users)
     keep = sim > 0
     return np.where(keep, idx, -1), np.where(keep, sim, 0.0).astype(np.float32)
 

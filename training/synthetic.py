@@ -10,7 +10,6 @@ each chunk has its own seed, so the output does not depend on the chunk being re
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-Progress = Callable[[int, int], None]
+from encore.progress import Progress
 
 MOODS = (
     "Late Night",
@@ -117,7 +116,7 @@ def generate(
             writer.write_table(pa.Table.from_pydict(chunk, schema=schema))
             rows += len(chunk["user_id"])
             if progress:
-                progress(stop, spec.users)
+                progress("generate users", stop, spec.users)
     catalog_path = out / "catalog.parquet"
     pq.write_table(world.catalog(), catalog_path, compression="zstd")
     (out / "generate.json").write_text(json.dumps({**asdict(spec), "rows": rows}, indent=2))

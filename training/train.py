@@ -10,8 +10,9 @@ import pandas as pd
 import torch
 
 from encore.bundle import Bundle, list_bundles, new_version, promote, write_bundle
+from encore.progress import Progress
 from training.evaluate import Evaluation, evaluate
-from training.fit import FittedModel, Progress, TrainParams, fit
+from training.fit import FittedModel, TrainParams, fit
 from training.ingest import Interactions
 from training.matrix import encode
 

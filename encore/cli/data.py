@@ -44,7 +44,7 @@ def generate(
         data = run_generate(
             SyntheticSpec(users=users, playlists=playlists, seed=seed),
             out,
-            progress=lambda done, total: progress("generate users", done, total),
+            progress=progress,
         )
     console.print(
         f"wrote {data.rows:,} interactions of {data.users:,} users over {data.playlists:,} "

@@ -108,7 +108,7 @@ def prepare(
                 data = generate(
                     SyntheticSpec(users=users, playlists=playlists, seed=0),
                     out,
-                    progress=lambda done, total: progress("generate users", done, total),
+                    progress=progress,
                 )
             console.print(f"1/3 generated {data.rows:,} interactions of {users:,} users in {out}")
             interactions, catalog = data.interactions, data.catalog
