@@ -2,7 +2,7 @@
 
 from prometheus_fastapi_instrumentator import Instrumentator
 
-from encore.metrics import LATENCY_BUCKETS
+from encore.metric_names import LATENCY_BUCKETS
 from model_server.app import create_app
 
 app = create_app()

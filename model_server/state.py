@@ -11,7 +11,7 @@ from encore.database import AsyncDatabase
 from encore.errors import NoPublishedRun, StoreUnavailable
 from encore.online import AsyncOnlineReader, RunInfo
 from encore.settings import Settings
-from model_server import metrics
+from model_server import api_metrics as metrics
 
 logger = logging.getLogger("encore.api")
 

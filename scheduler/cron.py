@@ -20,7 +20,7 @@ from encore.online import open_online_store
 from encore.settings import Settings
 from scheduler.job import run_full, run_queued
 from scheduler.lifecycle import maintain
-from scheduler.metrics import RunMetrics
+from scheduler.run_metrics import RunMetrics
 from scheduler.stopping import stop_on_signals
 
 logger = logging.getLogger("encore.scheduler")

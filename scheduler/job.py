@@ -19,7 +19,7 @@ from encore.online import OnlineStore, open_online_store
 from encore.progress import Progress
 from encore.settings import Settings
 from scheduler.lifecycle import process_owner, within_budget
-from scheduler.metrics import RunMetrics
+from scheduler.run_metrics import RunMetrics
 from scheduler.runner import Plan, PlanMaker, RunExecution
 
 logger = logging.getLogger("encore.scheduler.job")

@@ -26,8 +26,8 @@ from encore.settings import Settings
 from inference import ScoredBatch, load_model
 from scheduler.drift import compare_runs
 from scheduler.lifecycle import ProgressSaver, maintain, until_it_lands, within_budget
-from scheduler.metrics import RunMetrics
 from scheduler.pool import score_in_pool
+from scheduler.run_metrics import RunMetrics
 
 logger = logging.getLogger("encore.scheduler.job")
 

@@ -242,12 +242,12 @@ def metric_names(expr: str) -> set[str]:
 
 
 def encore_metric_types() -> dict[str, str]:
-    """Each metric name constant of encore.metrics with its type from the module's table.
+    """Each metric name constant of encore.metric_names with its type from the module's table.
 
     An info metric may be documented under its exported ``_info`` name. A constant the table
     does not document maps to "" (tests/test_grafana_dashboards.py reports it).
     """
-    from encore import metrics
+    from encore import metric_names as metrics
 
     documented = dict(
         re.findall(
@@ -276,7 +276,7 @@ def exported_series(name: str, kind: str) -> set[str]:
 
 
 def encore_series() -> dict[str, str]:
-    """Every series name the Encore processes export -> the metric name in encore.metrics."""
+    """Every series name the Encore processes export -> the metric name in encore.metric_names."""
     return {
         series: name
         for name, kind in encore_metric_types().items()
@@ -285,7 +285,7 @@ def encore_series() -> dict[str, str]:
 
 
 def known_metric_names() -> set[str]:
-    """Names a dashboard or alert may select: the instrumentator's, encore.metrics', ``up``..."""
+    """Names a dashboard or alert may select: the instrumentator's, encore's, ``up``..."""
     return set(INSTRUMENTATOR_METRICS) | set(SCRAPE_METRICS) | set(encore_series())
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from encore import metrics as names
+from encore import metric_names as names
 from encore.cli.demo import prepare
 from encore.settings import get_settings
 from scheduler.cron import metrics_registry

@@ -2,7 +2,7 @@
 
 Every expression (dashboards and prometheus/alerts.yml) must parse, checked offline by
 ``promtool check rules`` on a temporary rules file, and may only select metric names that
-exist: prometheus-fastapi-instrumentator's, Prometheus' ``up``, or a name from encore.metrics.
+exist: prometheus-fastapi-instrumentator's, Prometheus' ``up``, or a name from encore.metric_names.
 """
 
 from __future__ import annotations
@@ -223,14 +223,14 @@ def test_every_metric_name_is_exported(expressions: list[Expression]) -> None:
         if name not in known
     }
     assert not unknown, (
-        "metric names that neither the instrumentator nor encore/metrics.py export:\n  "
+        "metric names that neither the instrumentator nor encore/metric_names.py export:\n  "
         + "\n  ".join(sorted(unknown))
     )
 
 
 def test_every_encore_metric_is_documented_with_a_type() -> None:
     undocumented = sorted(name for name, kind in encore_metric_types().items() if not kind)
-    assert not undocumented, f"encore/metrics.py's table gives no type for {undocumented}"
+    assert not undocumented, f"encore/metric_names.py's table gives no type for {undocumented}"
 
 
 def test_every_encore_metric_is_on_a_dashboard(dashboards: dict[str, dict[str, Any]]) -> None:
@@ -246,7 +246,7 @@ def test_every_encore_metric_is_on_a_dashboard(dashboards: dict[str, dict[str, A
         for name, kind in encore_metric_types().items()
         if not exported_series(name, kind) & used
     )
-    assert not unused, f"encore/metrics.py names no dashboard shows: {unused}"
+    assert not unused, f"encore/metric_names.py names no dashboard shows: {unused}"
 
 
 def test_api_dashboard_uses_the_instrumentator_metrics(expressions: list[Expression]) -> None:

@@ -21,7 +21,7 @@ from encore.online import open_online_store
 from encore.settings import Settings
 from inference import load_model
 from scheduler.job import rollback, run_backfill, run_full
-from scheduler.metrics import RunMetrics
+from scheduler.run_metrics import RunMetrics
 from tests.random_bundle import build_random_bundle
 from tests.support import publish_random_run
 

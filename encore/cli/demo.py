@@ -19,7 +19,7 @@ from encore.errors import EncoreError
 from encore.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from scheduler.metrics import RunMetrics
+    from scheduler.run_metrics import RunMetrics
 
 logger = logging.getLogger("encore.demo")
 

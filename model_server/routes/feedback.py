@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Response, status
 
 from encore.database import FeedbackConflict, FeedbackEvent
 from encore.errors import NoPublishedRun, StoreUnavailable
-from model_server import metrics
+from model_server import api_metrics as metrics
 from model_server.deps import StateDep
 from model_server.schemas import FeedbackRequest
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from model_server import metrics
+from model_server import api_metrics as metrics
 from model_server.deps import SettingsDep, StateDep
 from model_server.errors import invalid
 from model_server.schemas import MAX_ID

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Response
 
 from encore.online import RunInfo, truncate
 from encore.settings import Settings
-from model_server import metrics
+from model_server import api_metrics as metrics
 from model_server.deps import StateDep
 from model_server.errors import invalid
 from model_server.schemas import MAX_ID, RecommendationsRequest

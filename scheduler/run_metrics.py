@@ -1,4 +1,4 @@
-"""The scheduler's Prometheus metrics (names in encore.metrics).
+"""The scheduler's Prometheus metrics (names in encore.metric_names).
 
 Figures about the last published run are read from the run records at scrape time, so they
 are right whichever process ran it (the scheduler, `encore run`, or the API). Histograms and
@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from encore import metrics as names
+from encore import metric_names as names
 from encore.database import Database, RunRecord
 
-logger = logging.getLogger("encore.scheduler.metrics")
+logger = logging.getLogger("encore.scheduler.run_metrics")
 
 
 class RunMetrics:

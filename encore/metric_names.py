@@ -1,8 +1,8 @@
 """Prometheus metric names, shared by the processes that export them and the dashboards.
 
-Every name measures what it says. The model server's objects live in ``model_server.metrics``
+Every name measures what it says. The model server's objects live in ``model_server.api_metrics``
 on prometheus_client's default registry (where the instrumentator puts its own); the
-scheduler's are created by ``scheduler.metrics.RunMetrics`` on a registry it owns.
+scheduler's are created by ``scheduler.run_metrics.RunMetrics`` on a registry it owns.
 
 Model server (besides prometheus-fastapi-instrumentator's ``http_requests_total`` and
 ``http_request_duration_seconds`` with labels handler, method, status):

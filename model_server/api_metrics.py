@@ -1,10 +1,10 @@
-"""The model server's own Prometheus metrics (names in encore.metrics)."""
+"""The model server's own Prometheus metrics (names in encore.metric_names)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
-from encore import metrics as names
+from encore import metric_names as names
 
 USERS_SERVED = Counter(
     names.USERS_SERVED.removesuffix("_total"), "Users answered, by source.", ["source"]
