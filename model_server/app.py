@@ -17,7 +17,7 @@ from encore.errors import NoPublishedRun, StoreUnavailable
 from encore.online import open_online_reader
 from encore.redact import install_log_redaction
 from encore.settings import get_settings
-from model_server import errors, metrics, openapi
+from model_server import api_metrics, errors, openapi
 from model_server.middleware import BodySizeLimit
 from model_server.routes import feedback, health, model, recommendations, runs
 from model_server.state import ServingState
@@ -35,7 +35,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         # Does not wait for Postgres: recommendations need only the online store.
         await database.open()
-        metrics.initialise()
+        api_metrics.initialise()
         app.state.serving = ServingState(settings, reader, database)
         yield
     finally:
