@@ -19,7 +19,7 @@ from encore.redact import install_log_redaction
 from encore.settings import get_settings
 from model_server import api_metrics, errors, openapi
 from model_server.middleware import BodySizeLimit
-from model_server.routes import feedback, health, model, recommendations, runs
+from model_server.routes import feedback, health, model, playlists, recommendations, runs
 from model_server.state import ServingState
 
 
@@ -57,6 +57,7 @@ def create_app() -> FastAPI:
         feedback.router,
         runs.router,
         model.router,
+        playlists.router,
         health.router,
     ):
         app.include_router(router)
