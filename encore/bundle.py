@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from encore.errors import BundleError
+from encore.ids import IdMap
 
 WEIGHTS = "weights.pt"
 METADATA = "metadata.json"
@@ -53,12 +54,7 @@ class Bundle:
 
     def user_codes(self, user_ids: np.ndarray) -> np.ndarray:
         """Codes of ``user_ids`` in this bundle's id map; -1 where a user is unknown."""
-        known = np.asarray(self.user_ids())
-        ids = np.asarray(user_ids, dtype=np.int64)
-        if len(known) == 0:
-            return np.full(len(ids), -1, dtype=np.int64)
-        position = np.minimum(np.searchsorted(known, ids), len(known) - 1)
-        return np.where(known[position] == ids, position, -1)
+        return IdMap(np.asarray(self.user_ids())).codes(user_ids)
 
     def popularity(self) -> np.ndarray:
         return np.load(self.path / "popularity.npy")

@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from encore.ids import IdMap
+
 GRAM_ROWS = 1 << 17  # rows per float64 block of the Gram matrix: 128 MiB at rank 128
-
-
-@dataclass(frozen=True)
-class IdMap:
-    """Sorted unique ids; an id's code is its position."""
-
-    ids: np.ndarray  # int64, sorted
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def codes(self, ids: np.ndarray) -> np.ndarray:
-        """Codes of ``ids``; -1 where an id is unknown."""
-        ids = np.asarray(ids, dtype=np.int64)
-        position = np.searchsorted(self.ids, ids)
-        position = np.minimum(position, max(len(self.ids) - 1, 0))
-        known = len(self.ids) > 0
-        found = known & (self.ids[position] == ids) if known else np.zeros(len(ids), bool)
-        return np.where(found, position, -1)
 
 
 def encode(ids: np.ndarray) -> tuple[IdMap, np.ndarray]:
