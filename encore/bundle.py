@@ -1,6 +1,6 @@
 """The model bundle: one directory per model version.
 
-Layout (a contract, see DESIGN.md)::
+Layout (a contract, see docs/architecture.md)::
 
     bundles/<version>/
         metadata.json      version, created_at, data fingerprint, hyper-parameters, metrics

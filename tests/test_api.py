@@ -1,4 +1,4 @@
-"""The HTTP API (DESIGN.md, "HTTP API"), on a published run, over both pairs of stores:
+"""The HTTP API (README, "The HTTP API"), on a published run, over both pairs of stores:
 real Redis + real Postgres, and the embedded SQLite defaults.
 
 Publishing a run starts a scoring pool, so each module publishes once per backend

@@ -1,4 +1,4 @@
-"""The model bundle (a DESIGN.md contract): layout, metadata, versions, safe loading."""
+"""The model bundle (a contract, docs/architecture.md): layout, metadata, versions, safe loading."""
 
 from __future__ import annotations
 

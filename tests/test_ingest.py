@@ -1,5 +1,5 @@
 """Ingest: every bad input stops with an error naming file, line, column and value;
-the formats DESIGN.md promises (CSV/TSV/Parquet, header or not, CRLF, BOM) just work."""
+the formats docs/architecture.md promises (CSV/TSV/Parquet, header or not, CRLF, BOM) just work."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The quality protocol of DESIGN.md, checked on examples worked out by hand."""
+"""The quality protocol (docs/architecture.md), checked on examples worked out by hand."""
 
 from __future__ import annotations
 

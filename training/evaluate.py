@@ -1,4 +1,4 @@
-"""The DESIGN.md quality protocol, end to end: pairing, ranking, and a popularity baseline."""
+"""The quality protocol end to end (docs/architecture.md): pairing, ranking, popularity."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The quality protocol of DESIGN.md: the hold-out split and the ranking metrics.
+"""The quality protocol (docs/architecture.md): the hold-out split and the ranking metrics.
 
 Every quality figure Encore reports goes through these two functions, so numbers compare.
 """
