@@ -36,7 +36,7 @@ def open_database(settings: Settings) -> Database:
 
 def open_async_database(settings: Settings) -> AsyncDatabase:
     if settings.database_url:
-        from encore.database.postgres import AsyncPostgresDatabase
+        from encore.database.postgres_async import AsyncPostgresDatabase
 
         return AsyncPostgresDatabase(settings.database_url)
     from encore.database.sqlite import AsyncSQLiteDatabase

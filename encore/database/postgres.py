@@ -11,19 +11,17 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from encore.database.base import (
     RUN_FIELDS,
-    AsyncDatabase,
     Database,
-    FeedbackConflict,
     FeedbackEvent,
     RunLock,
     RunRecord,
     migrations,
 )
-from encore.errors import DATABASE, RunLocked, StoreUnavailable
+from encore.errors import RunLocked, StoreUnavailable
 from encore.redact import redact
 
 logger = logging.getLogger("encore.database.postgres")
@@ -47,11 +45,11 @@ SELECT_FEEDBACK = (
 )
 
 
-def _run_from_row(row: dict[str, Any]) -> RunRecord:
+def run_from_row(row: dict[str, Any]) -> RunRecord:
     return RunRecord(**{name: row[name] for name in RUN_FIELDS})
 
 
-def _run_values(record: RunRecord) -> dict[str, Any]:
+def run_values(record: RunRecord) -> dict[str, Any]:
     values = {name: getattr(record, name) for name in RUN_FIELDS}
     values["popularity_deciles"] = (
         Jsonb(record.popularity_deciles) if record.popularity_deciles is not None else None
@@ -59,7 +57,7 @@ def _run_values(record: RunRecord) -> dict[str, Any]:
     return values
 
 
-def _insert_run_sql(values: dict[str, Any]) -> str:
+def insert_run_sql(values: dict[str, Any]) -> str:
     present = [k for k, v in values.items() if v is not None]
     return (
         f"INSERT INTO runs ({', '.join(present)}) "
@@ -101,7 +99,7 @@ class PostgresDatabase(Database):
             self.pool.open(wait=True, timeout=timeout_seconds)
         except UNAVAILABLE as exc:
             self.pool.close()
-            raise StoreUnavailable(f"Postgres at {_safe(url)} is unreachable: {exc}") from exc
+            raise StoreUnavailable(f"Postgres at {safe_url(url)} is unreachable: {exc}") from exc
 
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection]:
@@ -109,7 +107,7 @@ class PostgresDatabase(Database):
             with self.pool.connection() as conn:
                 yield conn
         except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+            raise StoreUnavailable(f"Postgres at {safe_url(self.url)} is unreachable: {exc}") from exc
 
     def upgrade(self) -> list[str]:
         applied: list[str] = []
@@ -136,9 +134,9 @@ class PostgresDatabase(Database):
         return applied
 
     def create_run(self, record: RunRecord) -> None:
-        values = _run_values(record)
+        values = run_values(record)
         with self._conn() as conn:
-            conn.execute(_insert_run_sql(values), values)
+            conn.execute(insert_run_sql(values), values)
 
     def save_progress(self, run_id: str, *, users_scored: int, cold_users: int) -> None:
         with self._conn() as conn:
@@ -155,14 +153,14 @@ class PostgresDatabase(Database):
     def get_run(self, run_id: str) -> RunRecord | None:
         with self._conn() as conn:
             row = conn.execute("SELECT * FROM runs WHERE run_id = %s", (run_id,)).fetchone()
-        return _run_from_row(row) if row else None
+        return run_from_row(row) if row else None
 
     def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         with self._conn() as conn:
             rows = conn.execute(
                 "SELECT * FROM runs ORDER BY created_at DESC LIMIT %s", (limit,)
             ).fetchall()
-        return [_run_from_row(r) for r in rows]
+        return [run_from_row(r) for r in rows]
 
     def last_published(self, *, full_only: bool = True) -> RunRecord | None:
         kinds = "AND target_run_id IS NULL" if full_only else ""
@@ -171,12 +169,12 @@ class PostgresDatabase(Database):
                 f"SELECT * FROM runs WHERE status = 'published' {kinds} "
                 "ORDER BY finished_at DESC LIMIT 1"
             ).fetchone()
-        return _run_from_row(row) if row else None
+        return run_from_row(row) if row else None
 
     def enqueue_run(self, record: RunRecord, user_ids: Sequence[int] | None = None) -> None:
-        values = _run_values(record)
+        values = run_values(record)
         with self._conn() as conn, conn.transaction():
-            conn.execute(_insert_run_sql(values), values)
+            conn.execute(insert_run_sql(values), values)
             if user_ids is not None:
                 conn.execute(INSERT_REQUEST, (record.run_id, list(user_ids)))
 
@@ -191,7 +189,7 @@ class PostgresDatabase(Database):
             row = conn.execute(
                 "SELECT * FROM runs WHERE status = 'queued' ORDER BY created_at LIMIT 1"
             ).fetchone()
-        return _run_from_row(row) if row else None
+        return run_from_row(row) if row else None
 
     def open_runs(self) -> list[RunRecord]:
         with self._conn() as conn:
@@ -199,7 +197,7 @@ class PostgresDatabase(Database):
                 "SELECT * FROM runs WHERE status IN ('queued', 'running', 'publishing') "
                 "ORDER BY created_at"
             ).fetchall()
-        return [_run_from_row(r) for r in rows]
+        return [run_from_row(r) for r in rows]
 
     def requested_users(self, run_id: str) -> list[int] | None:
         with self._conn() as conn:
@@ -255,123 +253,6 @@ class PostgresDatabase(Database):
         self.pool.close()
 
 
-class AsyncPostgresDatabase(AsyncDatabase):
-    """The API's side: a pool that neither needs Postgres to start nor outlives a restart.
-
-    The pool opens without waiting and keeps connecting in the background (psycopg_pool's
-    reconnection with backoff), so the API serves recommendations while Postgres is down
-    and feedback answers 503 until it is back. Every connection is checked before it is
-    handed out, so the connections a Postgres restart killed are replaced, not used.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        min_size: int = 2,
-        max_size: int = 10,
-        timeout_seconds: float = 3.0,
-        connect_timeout_seconds: int = 5,
-        reconnect_timeout_seconds: float = 5.0,
-    ) -> None:
-        self.url = url
-        self.pool = AsyncConnectionPool(
-            url,
-            min_size=min_size,
-            max_size=max_size,
-            # How long a request waits for a connection; while Postgres is down, the time a
-            # feedback request takes to be told 503.
-            timeout=timeout_seconds,
-            # The pool retries a failed connection with a doubling delay (1, 2, 4, 8... s)
-            # for this long, then gives up until a request needs a connection, which starts
-            # a new series at once. Short: after a long outage the next attempt is never
-            # more than a few seconds away, rather than minutes.
-            reconnect_timeout=reconnect_timeout_seconds,
-            kwargs={
-                "row_factory": dict_row,
-                "autocommit": True,
-                "connect_timeout": connect_timeout_seconds,
-            },
-            check=AsyncConnectionPool.check_connection,
-            open=False,
-            name="encore-api",
-        )
-
-    async def open(self) -> None:
-        await self.pool.open(wait=False)
-
-    def _unavailable(self, exc: Exception) -> StoreUnavailable:
-        # Every psycopg error, not only OperationalError: a read-only standby (25006), a
-        # full disk, a missing migration are all "the database cannot take this now".
-        return StoreUnavailable(
-            f"Postgres at {redact(self.url)} is unavailable: {type(exc).__name__}: {exc}",
-            component=DATABASE,
-        )
-
-    async def _fetch(
-        self,
-        sql: str,
-        params: Any = None,
-        *,
-        one: bool = False,
-        timeout_seconds: float | None = None,
-    ):
-        try:
-            async with self.pool.connection(timeout=timeout_seconds) as conn:
-                cursor = await conn.execute(sql, params)
-                if cursor.description is None:
-                    return None
-                return await (cursor.fetchone() if one else cursor.fetchall())
-        except psycopg.Error as exc:  # PoolTimeout is one
-            raise self._unavailable(exc) from exc
-
-    async def insert_feedback(self, event: FeedbackEvent) -> bool:
-        row = await self._fetch(
-            INSERT_FEEDBACK,
-            (
-                event.event_id,
-                event.user_id,
-                event.run_id,
-                event.model_version,
-                event.liked_playlist_id,
-                list(event.shown_playlist_ids),
-            ),
-            one=True,
-        )
-        if row is not None:
-            return True
-        stored = await self._fetch(
-            f"{SELECT_FEEDBACK} WHERE event_id = %s", (event.event_id,), one=True
-        )
-        if stored is not None and not event.same_event(FeedbackEvent(**stored)):
-            raise FeedbackConflict(str(event.event_id))
-        return False
-
-    async def enqueue_run(self, record: RunRecord, user_ids: Sequence[int] | None = None) -> None:
-        values = _run_values(record)
-        try:
-            async with self.pool.connection() as conn, conn.transaction():
-                await conn.execute(_insert_run_sql(values), values)
-                if user_ids is not None:
-                    await conn.execute(INSERT_REQUEST, (record.run_id, list(user_ids)))
-        except psycopg.Error as exc:
-            raise self._unavailable(exc) from exc
-
-    async def get_run(self, run_id: str) -> RunRecord | None:
-        row = await self._fetch("SELECT * FROM runs WHERE run_id = %s", (run_id,), one=True)
-        return _run_from_row(row) if row else None
-
-    async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
-        rows = await self._fetch("SELECT * FROM runs ORDER BY created_at DESC LIMIT %s", (limit,))
-        return [_run_from_row(r) for r in rows]
-
-    async def ping(self, *, timeout_seconds: float | None = None) -> None:
-        await self._fetch("SELECT 1", timeout_seconds=timeout_seconds)
-
-    async def aclose(self) -> None:
-        await self.pool.close()
-
-
 class _AdvisoryLock(RunLock):
     """A session-level advisory lock on a connection of its own: if the process dies,
     Postgres ends the session and frees the lock with it."""
@@ -396,12 +277,12 @@ class _AdvisoryLock(RunLock):
                 tcp_user_timeout=10_000,
             )
         except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+            raise StoreUnavailable(f"Postgres at {safe_url(self.url)} is unreachable: {exc}") from exc
         try:
             (got,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
         except psycopg.OperationalError as exc:
             conn.close()
-            raise StoreUnavailable(f"Postgres at {_safe(self.url)} is unreachable: {exc}") from exc
+            raise StoreUnavailable(f"Postgres at {safe_url(self.url)} is unreachable: {exc}") from exc
         if not got:
             conn.close()
             raise RunLocked(
@@ -436,6 +317,6 @@ class _AdvisoryLock(RunLock):
             conn.close()
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password, for messages."""
     return redact(url)
