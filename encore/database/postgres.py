@@ -21,7 +21,7 @@ from encore.database.base import (
     RunRecord,
     migrations,
 )
-from encore.errors import RunLocked, StoreUnavailable
+from encore.errors import DATABASE, RunLocked, StoreUnavailable
 from encore.redact import redact
 
 logger = logging.getLogger("encore.database.postgres")
@@ -99,7 +99,7 @@ class PostgresDatabase(Database):
             self.pool.open(wait=True, timeout=timeout_seconds)
         except UNAVAILABLE as exc:
             self.pool.close()
-            raise StoreUnavailable(f"Postgres at {safe_url(url)} is unreachable: {exc}") from exc
+            raise unreachable(url, exc) from exc
 
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection]:
@@ -107,7 +107,7 @@ class PostgresDatabase(Database):
             with self.pool.connection() as conn:
                 yield conn
         except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Postgres at {safe_url(self.url)} is unreachable: {exc}") from exc
+            raise unreachable(self.url, exc) from exc
 
     def upgrade(self) -> list[str]:
         applied: list[str] = []
@@ -277,12 +277,12 @@ class _AdvisoryLock(RunLock):
                 tcp_user_timeout=10_000,
             )
         except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"Postgres at {safe_url(self.url)} is unreachable: {exc}") from exc
+            raise unreachable(self.url, exc) from exc
         try:
             (got,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()
         except psycopg.OperationalError as exc:
             conn.close()
-            raise StoreUnavailable(f"Postgres at {safe_url(self.url)} is unreachable: {exc}") from exc
+            raise unreachable(self.url, exc) from exc
         if not got:
             conn.close()
             raise RunLocked(
@@ -320,3 +320,8 @@ class _AdvisoryLock(RunLock):
 def safe_url(url: str) -> str:
     """The URL without its password, for messages."""
     return redact(url)
+
+
+def unreachable(url: str, exc: Exception) -> StoreUnavailable:
+    message = f"Postgres at {safe_url(url)} is unreachable: {exc}"
+    return StoreUnavailable(message, component=DATABASE)
