@@ -11,7 +11,6 @@ import csv
 import hashlib
 import logging
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +21,19 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from encore.errors import InputError
+from training.row_scan import (
+    ID_COLUMNS,
+    INTERACTION_COLUMNS,
+    MAX_ID,
+    parse_float,
+    parse_int,
+    parse_timestamp,
+    scan_for_error,
+)
 
 logger = logging.getLogger("encore.ingest")
 
-INTERACTION_COLUMNS = ("user_id", "playlist_id", "weight", "timestamp")
 REQUIRED = ("user_id", "playlist_id")
-ID_COLUMNS = ("user_id", "playlist_id")
-MAX_ID = np.iinfo(np.int64).max
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 TAB_SUFFIXES = {".tsv", ".tab", ".dat"}
 
@@ -204,10 +209,10 @@ def _read_delimited(path: Path, columns: list[str] | None, sep: str | None) -> d
         )
         frame = _validate(table, wanted)
     except (pa.ArrowInvalid, ValueError) as exc:
-        _scan_for_error(path, delimiter, names, has_header)
+        scan_for_error(path, delimiter, names, has_header)
         raise InputError(path, f"could not parse the file: {exc}") from exc
     if frame is None:
-        _scan_for_error(path, delimiter, names, has_header)
+        scan_for_error(path, delimiter, names, has_header)
         raise InputError(path, "invalid values that the line scan could not place")
     if len(frame["user_id"]) == 0:
         raise InputError(path, "the file has a header but no rows")
@@ -282,7 +287,7 @@ def _as_numpy(column: pa.ChunkedArray, dtype: type, name: str, path: Path | None
         if path is None:
             return None
         for row, value in enumerate(column.to_pylist()):
-            number = _parse_int(value) if dtype is np.int64 else _parse_float(value)
+            number = parse_int(value) if dtype is np.int64 else parse_float(value)
             if number is None:
                 raise InputError(
                     path,
@@ -314,7 +319,7 @@ def _timestamps(column: pa.ChunkedArray, path: Path | None) -> np.ndarray | None
         return parsed.dt.as_unit("s").astype("int64").to_numpy()
     # The vectorised parse infers one format from the first value. Rows in another format,
     # or epoch seconds, are valid too: parse one by one, exactly as the line scan does.
-    values = [_parse_timestamp(text) for text in texts]
+    values = [parse_timestamp(text) for text in texts]
     if None in values:
         if path is None:
             return None
@@ -323,102 +328,6 @@ def _timestamps(column: pa.ChunkedArray, path: Path | None) -> np.ndarray | None
             path, "timestamp is not a date", line=row + 1, column="timestamp", value=texts[row]
         )
     return np.array(values, dtype=np.int64)
-
-
-def _parse_timestamp(text: object) -> int | None:
-    """Epoch seconds of an integer or of a date in any format pandas reads; else None."""
-    number = _parse_int(text)
-    if number is not None:
-        return number
-    stamp = pd.to_datetime(str(text), errors="coerce", utc=True)
-    return None if pd.isna(stamp) else stamp.value // 10**9  # .value is in nanoseconds
-
-
-def _parse_int(text: object) -> int | None:
-    if isinstance(text, int):
-        return text
-    try:
-        return int(str(text).strip())
-    except ValueError:
-        return None
-
-
-def _parse_float(text: object) -> float | None:
-    try:
-        return float(str(text).strip())
-    except ValueError:
-        return None
-
-
-def _scan_for_error(path: Path, delimiter: str, names: list[str], has_header: bool) -> None:
-    """Walk the file row by row and raise an InputError at the first bad row."""
-    for line, fields in _rows(path, delimiter, skip_header=has_header):
-        if not any(field.strip() for field in fields):
-            continue
-        if len(fields) != len(names):
-            raise InputError(
-                path,
-                f"expected {len(names)} fields, found {len(fields)}",
-                line=line,
-                value=delimiter.join(fields),
-            )
-        for name, field in zip(names, fields, strict=True):
-            _check_field(path, line, name, field)
-
-
-def _check_field(path: Path, line: int, name: str, field: str) -> None:
-    if name in INTERACTION_COLUMNS and not _is_utf8(field):
-        raise InputError(
-            path,
-            "the value is not UTF-8 text",
-            line=line,
-            column=name,
-            value=field.encode("utf-8", "surrogateescape"),
-        )
-    if name in ID_COLUMNS:
-        value = _parse_int(field)
-        if value is None:
-            raise InputError(path, "not an integer id", line=line, column=name, value=field)
-        if value < 0:
-            raise InputError(
-                path,
-                "negative id; ids are non-negative 64-bit integers",
-                line=line,
-                column=name,
-                value=field,
-            )
-        if value > MAX_ID:
-            raise InputError(
-                path, "id does not fit in 64 bits", line=line, column=name, value=field
-            )
-    elif name == "weight":
-        value = _parse_float(field)
-        if value is None:
-            raise InputError(path, "weight is not a number", line=line, column=name, value=field)
-        if not value > 0 or value == float("inf"):
-            raise InputError(
-                path, "weight must be a positive number", line=line, column=name, value=field
-            )
-    elif name == "timestamp" and _parse_timestamp(field) is None:
-        raise InputError(path, "timestamp is not a date", line=line, column=name, value=field)
-
-
-def _rows(path: Path, delimiter: str, *, skip_header: bool) -> Iterator[tuple[int, list[str]]]:
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and skip_header:
-                continue
-            # Undecodable bytes survive as surrogates, so the check can name their column.
-            text = raw.decode("utf-8-sig" if number == 1 else "utf-8", "surrogateescape")
-            yield number, next(csv.reader([text.rstrip("\r\n")], delimiter=delimiter), [])
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _fingerprint(path: Path, columns: list[str] | None, sep: str | None, unit: str) -> str:
