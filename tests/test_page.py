@@ -217,7 +217,9 @@ def ui(browser: Any, server: Server) -> Iterator[Page]:
     page.on("request", on_request)
     page.on("dialog", on_dialog)
     page.on("pageerror", lambda exc: seen.errors.append(str(exc)))
-    page.goto("/")
+    with page.expect_response("**/v1/model"):  # the page learns the run's top-n first
+        page.goto("/")
+    seen.api_requests.clear()
     yield seen
     context.close()
     assert seen.errors == [], f"JavaScript errors on the page: {seen.errors}"
@@ -458,7 +460,11 @@ def test_bad_count_is_an_inline_error(ui: Page) -> None:
     page.get_by_label("User id").fill("14")
     page.get_by_label("How many").fill("0")
     page.get_by_role("button", name="Show playlists").click()
-    expect(page.locator("#count-error")).to_contain_text("1 to 200")
+    expect(page.locator("#count-error")).to_contain_text("from 1 to 20")
+    page.get_by_label("How many").fill("21")  # the run stores the top 20
+    page.get_by_role("button", name="Show playlists").click()
+    expect(page.locator("#count-error")).to_contain_text("from 1 to 20")
+    expect(page.locator("#count-hint")).to_have_text("Between 1 and 20.")
     assert ui.api_requests == []
 
 
@@ -483,6 +489,9 @@ def test_server_refusal_of_n_is_shown(ui: Page, server: Server) -> None:
     from playwright.sync_api import expect
 
     page = ui.page
+    # A page that could not learn the run's top-n leaves the upper bound to the server.
+    page.route("**/v1/model", lambda route: route.abort("connectionreset"))
+    page.reload()
     page.get_by_label("User id").fill("14")
     page.get_by_label("How many").fill("150")  # the run stores the top 20
     page.get_by_role("button", name="Show playlists").click()

@@ -5,7 +5,10 @@
 
 (() => {
   const MAX_ID = 9223372036854775807n; // ids are non-negative 64-bit integers
-  const MAX_COUNT = 200;
+  // The most playlists a list may show: the served run's top-n, learnt from /v1/model at load.
+  // Unknown (the service unreachable then), only the lower bound is checked here and the
+  // server's answer says the rest.
+  let maxCount = null;
   const REQUEST_TIMEOUT_MS = 10000;
   // Automatic retries of a like after a network error or a 502/503/504, then a Retry button.
   const RETRY_DELAYS_MS = [500, 1000, 2000];
@@ -74,8 +77,10 @@
   function parseCount(raw) {
     const text = raw.trim();
     if (text === "") return { value: null };
-    if (!/^\d+$/.test(text) || Number(text) < 1 || Number(text) > MAX_COUNT) {
-      return { error: `Enter a whole number from 1 to ${MAX_COUNT}, or leave it empty.` };
+    const tooMany = maxCount !== null && Number(text) > maxCount;
+    if (!/^\d+$/.test(text) || Number(text) < 1 || tooMany) {
+      const range = maxCount === null ? "of 1 or more" : `from 1 to ${maxCount}`;
+      return { error: `Enter a whole number ${range}, or leave it empty.` };
     }
     return { value: String(Number(text)) };
   }
@@ -171,6 +176,19 @@
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
   // ---- looking up a user ----------------------------------------------------------------
+
+  async function learnMaxCount() {
+    try {
+      const model = await getJson("/v1/model", "the served model");
+      if (Number.isInteger(model.top_n) && model.top_n >= 1) {
+        maxCount = model.top_n;
+        $("count-hint").textContent = `Between 1 and ${maxCount}.`;
+      }
+    } catch {
+      // Nothing published yet, or the service is away: a lookup will say so.
+    }
+  }
+  learnMaxCount();
 
   userInput.addEventListener("input", () => clearFieldError(userInput, $("user-id-error")));
   countInput.addEventListener("input", () => clearFieldError(countInput, $("count-error")));
