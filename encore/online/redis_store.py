@@ -1,14 +1,18 @@
 """Redis backend of the online store (production).
 
-Keys, with ``{run}`` a hash tag so one run's keys share a cluster slot::
+Keys::
 
     encore:current               the published run id
-    encore:run:{id}:meta         hash: model_version, top_n, users, fallback, created_at, ...
+    encore:run:{id}:meta         hash: model_version, top_n, users, fallback, created_at,
+                                 published_at (the first publication), previous (the run
+                                 this one replaced, recorded by the flip)
     encore:run:{id}:recs         hash: user id -> JSON bytes of the list
     encore:run:{id}:names        hash: playlist id -> name (the page shows them)
 
 One hash per run makes a batch one HSET, a request one HMGET, and the grace period one
-EXPIRE per run rather than one per user.
+EXPIRE per run rather than one per user. The flip WATCHes ``current`` and the run's keys in
+one transaction: on a Redis Cluster those live in different slots, which a cluster refuses,
+so this backend needs a single Redis (or a primary with replicas) for now.
 """
 
 from __future__ import annotations
