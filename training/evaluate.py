@@ -12,7 +12,7 @@ from encore.progress import Progress
 from inference.ranker import rank_users
 from training.fit import FittedModel, TrainParams, fit
 from training.ingest import Interactions
-from training.matrix import encode
+from training.matrix import encode, popular_fill
 from training.protocol import CUTOFF, RankingMetrics, holdout_mask, ranking_metrics
 
 
@@ -103,18 +103,23 @@ def popular_unseen(
     users = np.arange(matrix.shape[0]) if users is None else users
     have = np.full((len(users), k), -1, dtype=np.int64) if have is None else have.copy()
     head = np.argsort(-pop, kind="stable")
-    seen_counts = np.diff(matrix.indptr)
+    rank_of = np.empty(len(head), dtype=np.int64)
+    rank_of[head] = np.arange(len(head))
+    ranked = sp.csr_matrix(
+        (np.ones(matrix.nnz, np.int8), rank_of[matrix.indices], matrix.indptr), shape=matrix.shape
+    )
     for start in range(0, len(users), block):
-        rows = users[start : start + block]
         picks = have[start : start + block]
-        width = min(len(head), 2 * k + int(seen_counts[rows].max(initial=0)))
-        candidates = head[:width]
-        blocked = matrix[rows][:, candidates].toarray() != 0
-        blocked |= (picks[:, :, None] == candidates[None, None, :]).any(axis=1)
-        for i in range(len(rows)):
-            free = candidates[~blocked[i]]
-            slots = np.flatnonzero(picks[i] < 0)
-            n = min(len(slots), len(free))
-            picks[i, slots[:n]] = free[:n]
-        have[start : start + block] = picks
+        held_row, held_col = np.nonzero(picks >= 0)
+        fill_row, fill_rank = popular_fill(
+            ranked[users[start : start + block]],
+            held_row,
+            rank_of[picks[held_row, held_col]],
+            (picks < 0).sum(axis=1),
+        )
+        # A row's free slots, in order, take its fills, in order (as many as it got).
+        slot_row, slot_col = np.nonzero(picks < 0)
+        position = np.arange(len(slot_row)) - np.searchsorted(slot_row, slot_row)
+        keep = position < np.bincount(fill_row, minlength=len(picks))[slot_row]
+        picks[slot_row[keep], slot_col[keep]] = head[fill_rank]
     return have

@@ -41,6 +41,33 @@ def popularity(matrix: sp.csr_matrix) -> np.ndarray:
     return np.diff(matrix.tocsc().indptr).astype(np.int64)
 
 
+def popular_fill(
+    seen: sp.csr_matrix, taken_rows: np.ndarray, taken_ranks: np.ndarray, need: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the ``need[row]`` most popular items it has neither seen nor taken.
+
+    ``seen`` holds the rows' interactions with its columns renumbered by popularity rank (0 is
+    the most popular item); ``(taken_rows, taken_ranks)`` are ranks the rows already hold.
+    Returns ``(row, rank)`` pairs ordered by row, then rank; a row gets fewer when fewer are
+    free. The pairing pads short candidate lists with it, the evaluation short top-k lists.
+    """
+    n_rows, n_items = seen.shape
+    seen_counts = np.diff(seen.indptr)
+    taken_counts = np.bincount(taken_rows, minlength=n_rows)
+    # Among the first need + seen + taken ranks there are always ``need`` free ones.
+    width = int(min(n_items, (need + seen_counts + taken_counts).max(initial=0)))
+    blocked = np.zeros((n_rows, width), dtype=bool)
+    for owner, rank in (
+        (np.repeat(np.arange(n_rows), seen_counts), seen.indices.astype(np.int64)),
+        (np.asarray(taken_rows, np.int64), np.asarray(taken_ranks, np.int64)),
+    ):
+        hit = rank < width
+        blocked[owner[hit], rank[hit]] = True
+    free = ~blocked
+    wanted = free & (np.cumsum(free, axis=1) <= np.asarray(need)[:, None])
+    return np.nonzero(wanted)
+
+
 def activity(matrix: sp.csr_matrix) -> np.ndarray:
     """Number of items each user holds."""
     return np.diff(matrix.indptr).astype(np.int64)

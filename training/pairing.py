@@ -19,7 +19,7 @@ import torch
 
 from encore.progress import Progress
 from training.ann import ann_neighbours, worker_threads
-from training.matrix import popularity, row_normalize
+from training.matrix import popular_fill, popularity, row_normalize
 
 logger = logging.getLogger("encore.pairing")
 
@@ -280,29 +280,20 @@ def _pad_with_popular(
     keys: np.ndarray, held: sp.csr_matrix, cap: int, code: _KeyCode
 ) -> np.ndarray:
     """Add popular unseen playlists to rows holding between 1 and cap - 1 candidates."""
-    n_rows, n_items = held.shape
+    n_rows = held.shape[0]
     row = keys >> code.row_shift
     have = np.bincount(row, minlength=n_rows)
     short = np.flatnonzero((have > 0) & (have < cap))
     if len(short) == 0:
         return keys
     # Popularity ranks are the columns of ``held``, so the fill is the first free ranks.
-    seen = np.diff(held.indptr)
-    width = min(n_items, cap + int(seen[short].max(initial=0)))
     slot = np.full(n_rows, -1, dtype=np.int64)
     slot[short] = np.arange(len(short))
-    blocked = np.zeros((len(short), width), dtype=bool)
+    mine = slot[row] >= 0
     rank_mask = (1 << code.rank_bits) - 1
-    taken = (
-        (np.repeat(np.arange(n_rows), seen), held.indices.astype(np.int64)),
-        (row, (keys >> code.count_bits) & rank_mask),
+    fill_slot, fill_rank = popular_fill(
+        held[short], slot[row[mine]], (keys[mine] >> code.count_bits) & rank_mask, cap - have[short]
     )
-    for owner, rank in taken:
-        hit = (slot[owner] >= 0) & (rank < width)
-        blocked[slot[owner[hit]], rank[hit]] = True
-    free = ~blocked
-    wanted = free & (np.cumsum(free, axis=1) <= (cap - have[short])[:, None])
-    fill_slot, fill_rank = np.nonzero(wanted)
     fill = code.encode(short[fill_slot], np.int64(-1), fill_rank.astype(np.int64), np.int64(0))
     merged = np.concatenate([keys, fill])
     merged.sort()
