@@ -23,8 +23,7 @@ from typer.testing import CliRunner
 from encore.cli import app as cli
 from encore.database import RunRecord, open_database
 from model_server.app import create_app
-from tests.conftest import DATABASE_URL
-from tests.test_api import (
+from tests.api_support import (
     BACKENDS,
     MAX_ID,
     VERSION,
@@ -35,6 +34,7 @@ from tests.test_api import (
     use_backend,
     validation_errors,
 )
+from tests.conftest import DATABASE_URL
 
 # Clocks of the test and of the database may differ a little (a remote Postgres); a wrong
 # time zone or a missing timestamp would be off by hours.
