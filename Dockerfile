@@ -37,7 +37,7 @@
 #   3. installs the project with the same exclusions and --inexact: an exact sync would
 #      uninstall the CPU torch, which the lock does not list under that version.
 # Only this file uses the CPU index; pyproject.toml and uv.lock stay on PyPI.
-# tests/test_deploy_files.py checks TORCH_VERSION and both exclusion lists against uv.lock
+# tests/test_image_packages.py checks TORCH_VERSION and both exclusion lists against uv.lock
 # (after `uv lock --upgrade`, update them together), and that the API's syncs reach none of
 # torch, faiss, scipy or a CUDA package through uv.lock's dependency graph.
 #

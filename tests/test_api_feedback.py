@@ -1,79 +1,28 @@
 """POST /v1/feedback over both pairs of stores: durable before the answer, idempotent by event
-id, refused whole when wrong, 503 (and never a 2xx) when the database is down; and
-`encore feedback export`, which reads what it stored back as Parquet."""
+id, refused whole when wrong, and 503 (never a 2xx) when the database is down, the client's
+retry stored once it is back. `encore feedback export` is in test_feedback_export.py."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import psycopg
-import pyarrow.parquet as pq
 import pytest
-from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
-from encore.cli import app as cli
 from encore.database import RunRecord, open_database
-from model_server.app import create_app
-from tests.conftest import DATABASE_URL
-from tests.test_api import (
-    BACKENDS,
-    MAX_ID,
-    VERSION,
-    Backend,
-    error_detail,
-    published_backend,
-    sample,
-    use_backend,
-    validation_errors,
-)
+from tests.api_support import MAX_ID, VERSION, Backend, error_detail, sample, validation_errors
+from tests.api_support import api as api  # fixtures, imported by name
+from tests.api_support import backend as backend
+from tests.feedback import _Outage, increase, new_event, outcomes
 
 # Clocks of the test and of the database may differ a little (a remote Postgres); a wrong
 # time zone or a missing timestamp would be off by hours.
 CLOCK_SLACK = timedelta(seconds=60)
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Backend]:
-    with published_backend(request.param, tmp_path_factory.mktemp("feedback") / "home") as b:
-        yield b
-
-
-@pytest.fixture
-def api(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    use_backend(monkeypatch, backend)
-    with TestClient(create_app()) as client:
-        yield client
-
-
-def new_event(backend: Backend, **values: Any) -> dict[str, Any]:
-    return {
-        "event_id": str(uuid.uuid4()),
-        "user_id": 14,
-        "run_id": backend.record.run_id,
-        "liked_playlist_id": 3,
-        "shown_playlist_ids": [5, 3, 9],
-        **values,
-    }
-
-
-def outcomes() -> dict[str, float]:
-    return {
-        outcome: sample("encore_feedback_events_total", outcome=outcome)
-        for outcome in ("stored", "duplicate", "failed")
-    }
-
-
-def increase(before: dict[str, float]) -> dict[str, float]:
-    return {k: v - before[k] for k, v in outcomes().items()}
 
 
 def test_an_event_is_stored_with_its_model_version_and_time(api, backend):
@@ -267,47 +216,6 @@ def test_a_malformed_body_is_422_and_writes_nothing(api, backend, raw):
 # --------------------------------------------------------------------------------------
 
 
-def _postgres_admin() -> psycopg.Connection:
-    return psycopg.connect(
-        psycopg.conninfo.make_conninfo(DATABASE_URL, dbname="postgres"), autocommit=True
-    )
-
-
-class _Outage:
-    """Makes the backend's database unreachable for real, then brings it back."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.lock: sqlite3.Connection | None = None
-
-    def start(self) -> None:
-        if self.backend.settings.database_url:
-            name = psycopg.conninfo.conninfo_to_dict(self.backend.settings.database_url)["dbname"]
-            with _postgres_admin() as admin:
-                admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-                admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                    (name,),
-                )
-        else:
-            # The embedded database cannot be stopped; another process holding its write lock
-            # past the server's busy timeout is the same failure for a writer.
-            self.lock = sqlite3.connect(
-                self.backend.settings.sqlite_database_path, isolation_level=None
-            )
-            self.lock.execute("BEGIN EXCLUSIVE")
-
-    def stop(self) -> None:
-        if self.backend.settings.database_url:
-            name = psycopg.conninfo.conninfo_to_dict(self.backend.settings.database_url)["dbname"]
-            with _postgres_admin() as admin:
-                admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        elif self.lock is not None:
-            self.lock.execute("ROLLBACK")
-            self.lock.close()
-            self.lock = None
-
-
 @pytest.mark.slow
 def test_feedback_is_503_and_never_2xx_while_the_database_is_down(api, backend):
     event = new_event(backend)
@@ -350,74 +258,3 @@ def test_feedback_is_503_and_never_2xx_while_the_database_is_down(api, backend):
     assert response.status_code == 201, response.text
     assert backend.feedback_rows()[event["event_id"]]["model_version"] == VERSION
     assert api.get("/readyz").json()["status"] == "ready"
-
-
-# --------------------------------------------------------------------------------------
-# encore feedback export
-# --------------------------------------------------------------------------------------
-
-
-def _insert_old_event(backend: Backend, event: dict[str, Any], created_at: datetime) -> None:
-    values = (
-        event["event_id"],
-        event["user_id"],
-        event["run_id"],
-        "old-v0",
-        event["liked_playlist_id"],
-    )
-    if backend.settings.database_url:
-        with psycopg.connect(backend.settings.database_url) as conn:
-            conn.execute(
-                "INSERT INTO feedback VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (*values, event["shown_playlist_ids"], created_at),
-            )
-    else:
-        conn = sqlite3.connect(backend.settings.sqlite_database_path)
-        try:
-            with conn:
-                conn.execute(
-                    "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (*values, json.dumps(event["shown_playlist_ids"]), created_at.isoformat()),
-                )
-        finally:
-            conn.close()
-
-
-def test_feedback_export_writes_the_events_since_a_time_as_parquet(api, backend, tmp_path):
-    old = new_event(backend, user_id=21, shown_playlist_ids=[8, 9])
-    _insert_old_event(backend, old, datetime(2020, 6, 1, 12, 0, tzinfo=UTC))
-    events = [
-        new_event(backend, user_id=7 * (i + 1), liked_playlist_id=i + 1, shown_playlist_ids=[i])
-        for i in range(3)
-    ]
-    for event in events:
-        assert api.post("/v1/feedback", json=event).status_code == 201
-    rows = backend.feedback_rows()
-    runner = CliRunner()
-
-    def export(since: str, name: str) -> list[dict[str, Any]]:
-        out = tmp_path / name
-        result = runner.invoke(cli, ["feedback", "export", "--since", since, "--out", str(out)])
-        assert result.exit_code == 0, result.output
-        table = pq.read_table(out)
-        assert str(table.schema.field("created_at").type) == "timestamp[us, tz=UTC]"
-        exported = table.to_pylist()
-        assert f"wrote {len(exported):,} feedback events" in " ".join(result.output.split())
-        return exported
-
-    recent = export("2021-01-01T00:00:00", "recent.parquet")
-    by_id = {row["event_id"]: row for row in recent}
-    assert old["event_id"] not in by_id
-    for event in events:
-        assert by_id[event["event_id"]] == rows[event["event_id"]]  # every column, as stored
-    assert by_id[events[0]["event_id"]]["model_version"] == VERSION
-    times = [row["created_at"] for row in recent]
-    assert times == sorted(times)  # oldest first
-    assert len(recent) == len(rows) - 1  # everything but the old event
-
-    everything = export("2020-01-01", "all.parquet")
-    assert {row["event_id"] for row in everything} == set(rows)
-    assert everything[0] == rows[old["event_id"]]
-    assert everything[0]["created_at"] == datetime(2020, 6, 1, 12, 0, tzinfo=UTC)
-
-    assert export("2999-01-01", "none.parquet") == []

@@ -20,9 +20,9 @@ from encore.database import open_database
 from encore.online import open_online_store
 from encore.settings import get_settings
 from model_server.app import create_app
+from tests.api_support import BACKENDS, VERSION, error_detail
 from tests.random_bundle import build_random_bundle
 from tests.support import publish_random_run
-from tests.test_api import BACKENDS, VERSION, error_detail
 
 TOKEN = "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -14,8 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model_server.app import create_app
-from tests.live import live_server
-from tests.test_api import (
+from tests.api_support import (
     BACKENDS,
     MAX_ID,
     TOP_N,
@@ -24,6 +23,7 @@ from tests.test_api import (
     use_backend,
     validation_errors,
 )
+from tests.live import live_server
 
 TOKEN = "schema-test-token"
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")

@@ -18,10 +18,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model_server.app import create_app
+from tests.api_support import Backend, published_backend, use_backend
+from tests.feedback import _Outage, _postgres_admin, new_event
 from tests.live import live_server
 from tests.load import Answer, request
-from tests.test_api import Backend, published_backend, use_backend
-from tests.test_api_feedback import _Outage, _postgres_admin, new_event
 
 pytestmark = pytest.mark.integration
 

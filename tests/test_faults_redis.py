@@ -23,11 +23,11 @@ from encore.online.redis_store import AsyncRedisReader
 from encore.settings import Settings
 from model_server.app import create_app
 from model_server.state import ServingState
+from tests.api_support import Backend, sample, use_backend
 from tests.live import live_server
 from tests.load import Answer, Load, request
 from tests.redis_server import PrivateRedis, _free_port, private_redis
 from tests.support import publish_random_run
-from tests.test_api import Backend, sample, use_backend
 
 pytestmark = pytest.mark.integration
 
