@@ -64,10 +64,15 @@ def test_no_acknowledged_event_is_lost_to_a_postgres_outage(backend, monkeypatch
     events = [new_event(backend, user_id=7 * (i + 1), liked_playlist_id=i) for i in range(48)]
     answers: list[Answer] = []
     lock = threading.Lock()
+    # Each client sends two events before the outage, the rest during and after it: without
+    # the gate, fast clients could be done before the database goes away.
+    down = threading.Event()
 
     def client(mine: list[dict], url: str) -> None:
         # Like the page: the same event id on every retry, until it is acknowledged.
-        for event in mine:
+        for sent, event in enumerate(mine):
+            if sent == 2:
+                assert down.wait(timeout=120), "the outage never started"
             body = json.dumps(event).encode()
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
@@ -97,6 +102,7 @@ def test_no_acknowledged_event_is_lost_to_a_postgres_outage(backend, monkeypatch
         try:
             wait_until(lambda: seen({200, 201}) >= 8, "8 acknowledged events")
             outage.start()
+            down.set()
             wait_until(lambda: seen({503}) >= 8, "8 answers 503 during the outage")
         finally:
             outage.stop()

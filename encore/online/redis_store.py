@@ -23,8 +23,14 @@ from collections.abc import Sequence
 
 import redis
 import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from encore.errors import ONLINE_STORE, RunFailed, StoreUnavailable
 from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo, StoredRun
@@ -281,45 +287,53 @@ class AsyncRedisReader(AsyncOnlineReader):
     ) -> None:
         self.url = url
         self.keys = _Keys(prefix)
-        # A request gives up after about 3 timeouts (the first try and 2 retries): a Redis
-        # that hangs costs a client seconds, not minutes, and its answer is a 503.
+        # Retried here, not by redis-py: its retry covers the command but not taking a
+        # connection from the pool, so a connection a Redis restart closed failed a request
+        # once Redis was back. A lost connection is tried 3 times; a timeout is not retried
+        # (a Redis that hangs costs a request one timeout), and the answer is a 503.
         self.client = aioredis.Redis.from_url(
             url,
             socket_timeout=socket_timeout_seconds,
             socket_connect_timeout=socket_timeout_seconds,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
-            retry_on_error=RETRY_ERRORS,
+            retry=Retry(NoBackoff(), 0),
             max_connections=256,
         )
 
-    async def _call(self, what: str, coro):
+    async def _call(self, what: str, command, *args):
         try:
-            return await coro
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(3),
+                wait=wait_exponential_jitter(multiplier=0.02, max=0.5, jitter=0.02),
+                retry=retry_if_exception_type(redis.ConnectionError),
+                reraise=True,
+            ):
+                with attempt:
+                    return await command(*args)
         except UNAVAILABLE as exc:
             raise _unavailable(self.url, what, exc) from exc
 
     async def current(self) -> RunInfo | None:
-        run_id = await self._call("current", self.client.get(self.keys.current))
+        run_id = await self._call("current", self.client.get, self.keys.current)
         if not run_id:
             return None
-        meta = await self._call("run info", self.client.hgetall(self.keys.meta(run_id.decode())))
+        meta = await self._call("run info", self.client.hgetall, self.keys.meta(run_id.decode()))
         return _info(run_id.decode(), meta)
 
     async def read(self, run_id: str, user_ids: Sequence[int]) -> list[bytes | None]:
         if not user_ids:
             return []
-        return await self._call("read", self.client.hmget(self.keys.recs(run_id), list(user_ids)))
+        return await self._call("read", self.client.hmget, self.keys.recs(run_id), list(user_ids))
 
     async def names(self, run_id: str, playlist_ids: Sequence[int]) -> list[str | None]:
         if not playlist_ids:
             return []
         raw = await self._call(
-            "names", self.client.hmget(self.keys.names(run_id), list(playlist_ids))
+            "names", self.client.hmget, self.keys.names(run_id), list(playlist_ids)
         )
         return [value.decode() if value is not None else None for value in raw]
 
     async def ping(self) -> None:
-        await self._call("ping", self.client.ping())
+        await self._call("ping", self.client.ping)
 
     async def aclose(self) -> None:
         await self.client.aclose()
