@@ -75,3 +75,7 @@ class RunFailed(EncoreError):
 
 class RunStopped(RunFailed):
     """A run stopped on request (SIGTERM or SIGINT) before its flip; the previous run stays."""
+
+
+class ExperimentError(EncoreError):
+    """An experiment that cannot be started, stopped or reported as asked."""

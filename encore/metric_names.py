@@ -14,6 +14,13 @@ encore_store_read_seconds                histogram  online-store read latency, l
 encore_feedback_events_total             counter    label outcome=stored|duplicate|failed
 encore_feedback_likes_total              counter    likes, label model_version
 encore_feedback_impressions_total        counter    playlists shown with a like, model_version
+encore_feedback_views_total              counter    lists shown (view events), model_version
+encore_experiment_like_rate              gauge      the running experiment's like rate, labels
+                                                    experiment_id, model_version, role, bound
+                                                    (estimate|low|high: the 95 % interval)
+encore_experiment_users_viewed           gauge      users shown a list, per version
+encore_experiment_like_rate_difference   gauge      challenger - champion, label bound
+encore_experiment_p_value                gauge      two-proportion test's p-value
 encore_current_run_age_seconds           gauge      age of the served run
 encore_serving_run_info                  info       run_id, model_version of the served run
 encore_run_refresh_failures_total        counter    failed reads of the current run (the last
@@ -49,6 +56,11 @@ STORE_READ_SECONDS = "encore_store_read_seconds"
 FEEDBACK_EVENTS = "encore_feedback_events_total"
 FEEDBACK_LIKES = "encore_feedback_likes_total"
 FEEDBACK_IMPRESSIONS = "encore_feedback_impressions_total"
+FEEDBACK_VIEWS = "encore_feedback_views_total"
+EXPERIMENT_LIKE_RATE = "encore_experiment_like_rate"
+EXPERIMENT_USERS_VIEWED = "encore_experiment_users_viewed"
+EXPERIMENT_DIFFERENCE = "encore_experiment_like_rate_difference"
+EXPERIMENT_P_VALUE = "encore_experiment_p_value"
 CURRENT_RUN_AGE = "encore_current_run_age_seconds"
 SERVING_RUN = "encore_serving_run"
 RUN_REFRESH_FAILURES = "encore_run_refresh_failures_total"

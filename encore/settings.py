@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     run_cache_seconds: float = Field(
         1.0, ge=0, description="How long the API reuses its view of the current run."
     )
+    experiment_metrics_seconds: float = Field(
+        60.0, gt=0, description="How often the API recomputes the experiment's report gauges."
+    )
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -26,6 +26,7 @@ class ScoredBatch:
     cold_user_ids: np.ndarray  # users without candidates: they read the run's fallback
     deciles: np.ndarray  # recommended playlists per popularity decile (1 = most popular)
     seconds: float
+    by_version: dict[str, int] = field(default_factory=dict)  # users scored per model version
 
     def for_store(self) -> ScoredBatch:
         """Without the id matrix: what a scoring process sends back to the one that writes."""
@@ -62,18 +63,25 @@ class ModelVersion(ABC):
         pairings rather than every user; None when it holds every user.
         """
 
-    def score(self, users: Users) -> ScoredBatch:
-        """The lists of a batch of users (codes in this bundle's id map)."""
+    def score(self, users: Users, *, keep: np.ndarray | None = None) -> ScoredBatch:
+        """The lists of a batch of users (codes in this bundle's id map).
+
+        ``keep``, a boolean mask over the batch, scores only those users (an experiment's
+        arm); the others are left out of the result, neither listed nor cold.
+        """
         clock = time.perf_counter()
         if isinstance(users, range):
             if users.step != 1:
                 raise ValueError(f"a range of users must be contiguous, not {users!r}")
             codes = np.arange(users.start, users.stop, dtype=np.int64)
-            top = self.rank(
-                codes, self.candidates.slice(users.start, users.stop), np.arange(len(codes))
-            )
+            rows = np.arange(len(codes))
+            if keep is not None:
+                codes, rows = codes[keep], rows[keep]
+            top = self.rank(codes, self.candidates.slice(users.start, users.stop), rows)
         else:
             codes = np.asarray(users, dtype=np.int64)
+            if keep is not None:
+                codes = codes[keep]
             top = self.rank(codes, self.candidates.every_user, None)
         has_list = top[:, 0] >= 0
         warm = top[has_list]
@@ -87,4 +95,5 @@ class ModelVersion(ABC):
             cold_user_ids=self.user_ids[codes[~has_list]],
             deciles=deciles.astype(np.int64),
             seconds=time.perf_counter() - clock,
+            by_version={self.version: len(codes)},
         )

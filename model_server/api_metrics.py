@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 from encore import metric_names as names
@@ -31,6 +33,38 @@ FEEDBACK_IMPRESSIONS = Counter(
     "Playlists shown in stored feedback events, by model version.",
     ["model_version"],
 )
+FEEDBACK_VIEWS = Counter(
+    names.FEEDBACK_VIEWS.removesuffix("_total"),
+    "Lists shown (view events stored), by model version.",
+    ["model_version"],
+)
+EXPERIMENT_LIKE_RATE = Gauge(
+    names.EXPERIMENT_LIKE_RATE,
+    "The running experiment's like rate per version (users who liked / users shown a list), "
+    "with its 95 % interval (bound: estimate, low, high).",
+    ["experiment_id", "model_version", "role", "bound"],
+)
+EXPERIMENT_USERS_VIEWED = Gauge(
+    names.EXPERIMENT_USERS_VIEWED,
+    "Users shown a list in the running experiment, per version.",
+    ["experiment_id", "model_version", "role"],
+)
+EXPERIMENT_DIFFERENCE = Gauge(
+    names.EXPERIMENT_DIFFERENCE,
+    "Challenger minus champion like rate, with its 95 % interval (bound: estimate, low, high).",
+    ["experiment_id", "bound"],
+)
+EXPERIMENT_P_VALUE = Gauge(
+    names.EXPERIMENT_P_VALUE,
+    "Two-sided p-value of the two-proportion test of the running experiment.",
+    ["experiment_id"],
+)
+EXPERIMENT_GAUGES = (
+    EXPERIMENT_LIKE_RATE,
+    EXPERIMENT_USERS_VIEWED,
+    EXPERIMENT_DIFFERENCE,
+    EXPERIMENT_P_VALUE,
+)
 CURRENT_RUN_AGE = Gauge(names.CURRENT_RUN_AGE, "Age of the served run (since it was published).")
 SERVING_RUN = Info(names.SERVING_RUN, "The run and model version being served.")
 RUN_REFRESH_FAILURES = Counter(
@@ -47,3 +81,31 @@ def initialise() -> None:
         FEEDBACK_EVENTS.labels(outcome)
     for operation in ("recommendations", "current_run", "names"):
         STORE_READ_SECONDS.labels(operation)
+
+
+def record_experiment(report: dict[str, Any] | None) -> None:
+    """Show a report (or none: no experiment runs) on /metrics, replacing the last one."""
+    for gauge in EXPERIMENT_GAUGES:
+        gauge.clear()
+    if report is None:
+        return
+    experiment_id = report["experiment"]["experiment_id"]
+    for row in report["versions"]:
+        labels = (experiment_id, row["model_version"], row["role"])
+        EXPERIMENT_USERS_VIEWED.labels(*labels).set(row["users_viewed"])
+        for bound, key in (
+            ("estimate", "like_rate"),
+            ("low", "like_rate_low"),
+            ("high", "like_rate_high"),
+        ):
+            if row[key] is not None:
+                EXPERIMENT_LIKE_RATE.labels(*labels, bound).set(row[key])
+    difference = report["difference"]
+    if difference is not None:
+        for bound, key in (
+            ("estimate", "challenger_minus_champion"),
+            ("low", "low"),
+            ("high", "high"),
+        ):
+            EXPERIMENT_DIFFERENCE.labels(experiment_id, bound).set(difference[key])
+        EXPERIMENT_P_VALUE.labels(experiment_id).set(difference["p_value"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -17,9 +19,17 @@ from encore.errors import NoPublishedRun, StoreUnavailable
 from encore.online import open_online_reader
 from encore.redact import install_log_redaction
 from encore.settings import get_settings
-from model_server import api_metrics, errors, openapi
+from model_server import api_metrics, errors, experiment_metrics, openapi
 from model_server.middleware import BodySizeLimit
-from model_server.routes import feedback, health, model, playlists, recommendations, runs
+from model_server.routes import (
+    experiments,
+    feedback,
+    health,
+    model,
+    playlists,
+    recommendations,
+    runs,
+)
 from model_server.state import ServingState
 
 
@@ -37,7 +47,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await database.open()
         api_metrics.initialise()
         app.state.serving = ServingState(settings, reader, database)
-        yield
+        gauges = asyncio.create_task(
+            experiment_metrics.refresh_forever(
+                database, interval_seconds=settings.experiment_metrics_seconds
+            )
+        )
+        try:
+            yield
+        finally:
+            gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gauges
     finally:
         # Closed in reverse order of opening.
         await database.aclose()
@@ -56,6 +76,7 @@ def create_app() -> FastAPI:
         recommendations.router,
         feedback.router,
         runs.router,
+        experiments.router,
         model.router,
         playlists.router,
         health.router,

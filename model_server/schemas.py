@@ -6,7 +6,16 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt, Tag
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictInt,
+    Tag,
+    model_validator,
+)
 
 MAX_ID = 2**63 - 1
 MAX_USERS = 1000
@@ -45,13 +54,26 @@ class RecommendationsRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
+    """A like (the default) names the playlist liked; a view, that a list was shown, does not."""
+
     model_config = ConfigDict(extra="forbid")
 
     event_id: uuid.UUID
     user_id: Id
     run_id: str = Field(min_length=1, max_length=128)
-    liked_playlist_id: Id
+    kind: Literal["like", "view"] = "like"
+    liked_playlist_id: Id | None = Field(
+        None, description="The playlist liked: required for a like, absent for a view."
+    )
     shown_playlist_ids: list[Id] = Field(max_length=1000)
+
+    @model_validator(mode="after")
+    def _like_names_a_playlist(self) -> FeedbackRequest:
+        if self.kind == "like" and self.liked_playlist_id is None:
+            raise ValueError("a like needs liked_playlist_id (or send kind 'view')")
+        if self.kind == "view" and self.liked_playlist_id is not None:
+            raise ValueError("a view has no liked_playlist_id (send kind 'like' for a like)")
+        return self
 
 
 class ManualRun(BaseModel):

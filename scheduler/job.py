@@ -15,6 +15,7 @@ from encore.bundle import open_bundle, promoted_bundle
 from encore.database import Database, RunRecord, new_run_id, open_database
 from encore.database.base import RunLock
 from encore.errors import EncoreError, RunLocked
+from encore.experiments import Challenger, Experiment
 from encore.online import OnlineStore, open_online_store
 from encore.progress import Progress
 from encore.settings import Settings
@@ -43,9 +44,36 @@ def run_full(
             range(s, min(n_users, s + settings.batch_size))
             for s in range(0, n_users, settings.batch_size)
         ]
-        return Plan(bundle, record.run_id, batches, n_users, settings.top_n, flip=True)
+        arm = _current_arm(db.get_experiment(), bundle.version)
+        return Plan(
+            bundle,
+            record.run_id,
+            batches,
+            n_users,
+            settings.top_n,
+            flip=True,
+            challenger=open_bundle(settings.bundles_dir, arm.version) if arm else None,
+            arm=arm,
+        )
 
     return _run(settings, kind, run_id, plan, progress=progress, metrics=metrics, stop=stop)
+
+
+def _current_arm(experiment: Experiment | None, champion: str) -> Challenger | None:
+    if experiment is None:
+        return None
+    if experiment.champion != champion:
+        # Promoting ends an experiment; a PROMOTED file changed by hand does not.
+        logger.warning(
+            "experiment %s compares %s with %s, but %s is promoted: scoring everyone with %s",
+            experiment.experiment_id,
+            experiment.challenger,
+            experiment.champion,
+            champion,
+            champion,
+        )
+        return None
+    return experiment.arm
 
 
 def run_backfill(
@@ -79,7 +107,18 @@ def run_backfill(
         batches = [
             known[s : s + settings.batch_size] for s in range(0, len(known), settings.batch_size)
         ]
-        return Plan(bundle, current.run_id, batches, len(known), current.top_n, flip=False)
+        # Rescored users stay in the arm the served run put them in.
+        arm = current.challenger
+        return Plan(
+            bundle,
+            current.run_id,
+            batches,
+            len(known),
+            current.top_n,
+            flip=False,
+            challenger=open_bundle(settings.bundles_dir, arm.version) if arm else None,
+            arm=arm,
+        )
 
     return _run(settings, "backfill", run_id, plan, progress=progress, metrics=metrics, stop=stop)
 

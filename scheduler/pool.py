@@ -13,8 +13,9 @@ from pathlib import Path
 
 from encore.bundle import Bundle
 from encore.errors import RunStopped
+from encore.experiments import Challenger
 from encore.settings import Settings
-from inference import ModelVersion, ScoredBatch, Users, load_model
+from inference import Arms, ScoredBatch, Users, load_arms
 
 logger = logging.getLogger("encore.scheduler.pool")
 
@@ -32,6 +33,8 @@ def score_in_pool(
     on_result: Callable[[ScoredBatch], None],
     *,
     stop: threading.Event,
+    challenger: Bundle | None = None,
+    arm: Challenger | None = None,
 ) -> None:
     """Score batches in a spawn pool with a bounded number in flight; results as they finish.
 
@@ -42,7 +45,13 @@ def score_in_pool(
         max_workers=settings.workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=init_worker,
-        initargs=(str(bundle.path), top_n, settings.torch_threads),
+        initargs=(
+            str(bundle.path),
+            top_n,
+            settings.torch_threads,
+            str(challenger.path) if challenger else None,
+            arm.as_json() if arm else None,
+        ),
     )
     todo = iter(batches)
     pending: set[Future] = set()
@@ -83,12 +92,18 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
         process.join(timeout=WORKER_EXIT_SECONDS)
 
 
-# The scoring process's model version, loaded once by the pool's initializer.
-_model: ModelVersion | None = None
+# The scoring process's model versions, loaded once by the pool's initializer.
+_model: Arms | None = None
 
 
-def init_worker(bundle_path: str, top_n: int, torch_threads: int) -> None:
-    """ProcessPoolExecutor initializer: load the model version once per process."""
+def init_worker(
+    bundle_path: str,
+    top_n: int,
+    torch_threads: int,
+    challenger_path: str | None = None,
+    arm: dict | None = None,
+) -> None:
+    """ProcessPoolExecutor initializer: load the model versions once per process."""
     # Ctrl-C reaches the whole process group, and a supervisor may signal it too: a worker
     # that died of it would break the pool. The parent stops its workers itself. First, as
     # importing torch takes seconds.
@@ -98,7 +113,12 @@ def init_worker(bundle_path: str, top_n: int, torch_threads: int) -> None:
 
     global _model
     torch.set_num_threads(torch_threads)
-    _model = load_model(Path(bundle_path), top_n=top_n)
+    _model = load_arms(
+        Path(bundle_path),
+        top_n=top_n,
+        challenger=Path(challenger_path) if challenger_path else None,
+        arm=Challenger.from_json(arm) if arm else None,
+    )
 
 
 def score_batch(users: Users) -> ScoredBatch:

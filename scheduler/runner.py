@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -19,11 +20,12 @@ from encore.bundle import Bundle
 from encore.database import Database, RunRecord, open_database
 from encore.database.base import RunLock
 from encore.errors import EncoreError, RunFailed, RunLocked, RunStopped, StoreUnavailable
+from encore.experiments import Challenger
 from encore.online import OnlineStore
 from encore.progress import Progress
 from encore.redact import redact
 from encore.settings import Settings
-from inference import ScoredBatch, load_model
+from inference import ScoredBatch, load_arms
 from scheduler.drift import compare_runs
 from scheduler.lifecycle import ProgressSaver, maintain, until_it_lands, within_budget
 from scheduler.pool import score_in_pool
@@ -39,6 +41,7 @@ class Totals:
     lists: int = 0
     cold: int = 0
     deciles: np.ndarray = field(default_factory=lambda: np.zeros(10, dtype=np.int64))
+    by_version: Counter = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class Plan:
     users_total: int
     top_n: int
     flip: bool  # a full run: its own keyspace, made current at the end
+    # An experiment's challenger, scoring its arm's users; None: the champion scores all.
+    challenger: Bundle | None = None
+    arm: Challenger | None = None
 
 
 PlanMaker = Callable[[Database, OnlineStore, RunRecord], Plan]
@@ -91,12 +97,14 @@ class RunExecution:
                 self.run_id,
                 model_version=plan.bundle.version,
                 users_total=plan.users_total,
+                **_experiment_values(plan),
             )
             totals = self._score(plan)
             values = {
                 "users_scored": totals.lists + totals.cold,
                 "cold_users": totals.cold,
                 "popularity_deciles": totals.deciles.tolist(),
+                "users_by_version": dict(totals.by_version),
             }
             if plan.flip:
                 values.update(self.persist(_drift, self.db, totals, plan.users_total))
@@ -150,6 +158,7 @@ class RunExecution:
             totals.lists += len(result.user_ids)
             totals.cold += len(result.cold_user_ids)
             totals.deciles += result.deciles
+            totals.by_version.update(result.by_version)
             if self.metrics:
                 self.metrics.batch_seconds.observe(
                     result.seconds + time.perf_counter() - write_clock
@@ -173,18 +182,28 @@ class RunExecution:
                     top_n=plan.top_n,
                     fallback=fallback_payload(plan.bundle, plan.top_n),
                     names=catalog_names(plan.bundle),
+                    challenger=plan.arm,
                 )
             self.report("score users", 0, plan.users_total)
             if len(plan.batches) <= 1 and not plan.flip:
                 # A handful of users: spinning up a pool would cost more than scoring them.
-                model = load_model(plan.bundle, top_n=plan.top_n)
+                model = load_arms(
+                    plan.bundle, top_n=plan.top_n, challenger=plan.challenger, arm=plan.arm
+                )
                 for batch in plan.batches:
                     if self.stop.is_set():
                         raise RunStopped("stopped on request before the flip")
                     on_result(model.score(batch))
             else:
                 score_in_pool(
-                    self.settings, plan.bundle, plan.batches, plan.top_n, on_result, stop=self.stop
+                    self.settings,
+                    plan.bundle,
+                    plan.batches,
+                    plan.top_n,
+                    on_result,
+                    stop=self.stop,
+                    challenger=plan.challenger,
+                    arm=plan.arm,
                 )
         finally:
             saver.close()
@@ -283,6 +302,16 @@ def catalog_names(bundle: Bundle) -> dict[int, str]:
         return {}
     catalog = pd.read_parquet(bundle.catalog_path)
     return dict(zip(catalog["playlist_id"].tolist(), catalog["name"].tolist(), strict=True))
+
+
+def _experiment_values(plan: Plan) -> dict:
+    if plan.arm is None:
+        return {}
+    return {
+        "experiment_id": plan.arm.experiment_id,
+        "challenger_version": plan.arm.version,
+        "challenger_share": plan.arm.share,
+    }
 
 
 def _drift(db: Database, totals: Totals, users_total: int) -> dict:

@@ -13,7 +13,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from encore.cli import data, demo, models, runs, serve
+from encore.cli import data, demo, experiments, models, runs, serve
 from encore.cli.worker_group import WHERE, WorkerCommand, worker_module_missing
 from encore.console import configure_logging, console
 from encore.errors import EncoreError
@@ -30,6 +30,7 @@ app.command(cls=WorkerCommand)(data.generate)
 app.command(cls=WorkerCommand)(data.train)
 app.command(cls=WorkerCommand)(data.evaluate)
 app.add_typer(models.models_app, name="models")
+app.add_typer(experiments.experiments_app, name="experiments")
 app.command(cls=WorkerCommand)(runs.run)
 app.command(cls=WorkerCommand)(runs.backfill)
 app.add_typer(runs.runs_app, name="runs")

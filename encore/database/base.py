@@ -15,6 +15,8 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
+from encore.experiments import Experiment, VersionCounts
+
 # Run states: queued -> running -> publishing -> published | failed, and superseded once a
 # later run is published. A record is "open" until it reaches one of the other states.
 OPEN_STATUSES = ("queued", "running", "publishing")
@@ -40,6 +42,11 @@ class RunRecord:
     error: str | None = None
     published_at: datetime | None = None  # when its flip made it current the first time
     owner: str | None = None  # host and pid of the process that ran it
+    # The experiment a full run scored its challenger's users for, and users per version.
+    experiment_id: str | None = None
+    challenger_version: str | None = None
+    challenger_share: float | None = None
+    users_by_version: dict[str, int] | None = None
 
     @property
     def cold_fraction(self) -> float | None:
@@ -62,18 +69,23 @@ RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
 
 @dataclass(frozen=True)
 class FeedbackEvent:
+    """A list shown to a user (``view``) or a playlist liked in it (``like``)."""
+
     event_id: uuid.UUID
     user_id: int
     run_id: str
-    liked_playlist_id: int
+    liked_playlist_id: int | None  # None for a view
     shown_playlist_ids: list[int]
-    model_version: str | None = None
+    model_version: str | None = None  # derived by the server from the run and the user
     created_at: datetime | None = field(default=None, compare=False)
+    kind: str = "like"
+    experiment_id: str | None = None
 
     def same_event(self, other: FeedbackEvent) -> bool:
         """Whether a retry carries the event that was stored (not another one reusing its id)."""
         return (
-            self.user_id == other.user_id
+            self.kind == other.kind
+            and self.user_id == other.user_id
             and self.run_id == other.run_id
             and self.liked_playlist_id == other.liked_playlist_id
             and list(self.shown_playlist_ids) == list(other.shown_playlist_ids)
@@ -178,6 +190,27 @@ class Database(ABC):
         """Feedback events created at or after ``since``, in chunks, oldest first."""
 
     @abstractmethod
+    def start_experiment(self, experiment: Experiment) -> None:
+        """Record a new current experiment; :class:`~encore.errors.ExperimentError` if one
+        is already current."""
+
+    @abstractmethod
+    def end_experiment(self, reason: str) -> Experiment | None:
+        """End the current experiment (if any) and return it."""
+
+    @abstractmethod
+    def get_experiment(self, experiment_id: str | None = None) -> Experiment | None:
+        """An experiment by id; without one, the current one."""
+
+    @abstractmethod
+    def last_experiment(self) -> Experiment | None:
+        """The most recently started experiment, current or ended."""
+
+    @abstractmethod
+    def experiment_counts(self, experiment_id: str) -> list[VersionCounts]:
+        """Views and likes per model version of the experiment's events."""
+
+    @abstractmethod
     def ping(self) -> None: ...
 
     @abstractmethod
@@ -212,6 +245,14 @@ class AsyncDatabase(ABC):
 
     @abstractmethod
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]: ...
+
+    @abstractmethod
+    async def get_experiment(self, experiment_id: str | None = None) -> Experiment | None:
+        """An experiment by id; without one, the current one."""
+
+    @abstractmethod
+    async def experiment_counts(self, experiment_id: str) -> list[VersionCounts]:
+        """Views and likes per model version of the experiment's events."""
 
     @abstractmethod
     async def ping(self, *, timeout_seconds: float | None = None) -> None:

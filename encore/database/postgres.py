@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -13,6 +13,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from encore.database import experiment_sql
 from encore.database.base import (
     RUN_FIELDS,
     Database,
@@ -22,6 +23,7 @@ from encore.database.base import (
     migrations,
 )
 from encore.errors import DATABASE, RunLocked, StoreUnavailable
+from encore.experiments import Experiment, VersionCounts, experiment_running
 from encore.redact import redact
 
 logger = logging.getLogger("encore.database.postgres")
@@ -33,16 +35,17 @@ UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
 
 INSERT_FEEDBACK = """
 INSERT INTO feedback (event_id, user_id, run_id, model_version, liked_playlist_id,
-                      shown_playlist_ids)
-VALUES (%s, %s, %s, %s, %s, %s)
+                      shown_playlist_ids, kind, experiment_id)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
 INSERT_REQUEST = "INSERT INTO run_requests (run_id, user_ids) VALUES (%s, %s)"
 SELECT_FEEDBACK = (
     "SELECT event_id, user_id, run_id, liked_playlist_id, shown_playlist_ids, model_version,"
-    " created_at FROM feedback"
+    " created_at, kind, experiment_id FROM feedback"
 )
+JSON_FIELDS = ("popularity_deciles", "users_by_version")
 
 
 def run_from_row(row: dict[str, Any]) -> RunRecord:
@@ -50,11 +53,7 @@ def run_from_row(row: dict[str, Any]) -> RunRecord:
 
 
 def run_values(record: RunRecord) -> dict[str, Any]:
-    values = {name: getattr(record, name) for name in RUN_FIELDS}
-    values["popularity_deciles"] = (
-        Jsonb(record.popularity_deciles) if record.popularity_deciles is not None else None
-    )
-    return values
+    return _adapt({name: getattr(record, name) for name in RUN_FIELDS})
 
 
 def insert_run_sql(values: dict[str, Any]) -> str:
@@ -73,9 +72,7 @@ def _update_sql(values: dict[str, Any]) -> str:
 
 
 def _adapt(values: dict[str, Any]) -> dict[str, Any]:
-    if values.get("popularity_deciles") is not None:
-        values = {**values, "popularity_deciles": Jsonb(values["popularity_deciles"])}
-    return values
+    return {k: Jsonb(v) if k in JSON_FIELDS and v is not None else v for k, v in values.items()}
 
 
 class PostgresDatabase(Database):
@@ -244,6 +241,41 @@ class PostgresDatabase(Database):
             )
             while rows := cursor.fetchmany(chunk):
                 yield [FeedbackEvent(**row) for row in rows]
+
+    def start_experiment(self, experiment: Experiment) -> None:
+        try:
+            with self._conn() as conn:
+                conn.execute(
+                    experiment_sql.sql(experiment_sql.INSERT, self.dialect),
+                    experiment_sql.insert_values(experiment, self.dialect),
+                )
+        except psycopg.errors.UniqueViolation as exc:
+            raise experiment_running(self.get_experiment()) from exc
+
+    def end_experiment(self, reason: str) -> Experiment | None:
+        with self._conn() as conn, conn.transaction():
+            row = conn.execute(experiment_sql.CURRENT + " FOR UPDATE").fetchone()
+            if row is None:
+                return None
+            ended = experiment_sql.experiment_from_row(row)
+            ended.ended_at, ended.end_reason = datetime.now(UTC), reason
+            conn.execute(
+                experiment_sql.sql(experiment_sql.END, self.dialect),
+                (ended.ended_at, reason, ended.experiment_id),
+            )
+        return ended
+
+    def get_experiment(self, experiment_id: str | None = None) -> Experiment | None:
+        with self._conn() as conn:
+            return experiment_sql.fetch_experiment(conn, self.dialect, experiment_id)
+
+    def last_experiment(self) -> Experiment | None:
+        with self._conn() as conn:
+            return experiment_sql.fetch_one(conn, self.dialect, experiment_sql.LAST, ())
+
+    def experiment_counts(self, experiment_id: str) -> list[VersionCounts]:
+        with self._conn() as conn:
+            return experiment_sql.fetch_counts(conn, self.dialect, experiment_id)
 
     def ping(self) -> None:
         with self._conn() as conn:

@@ -10,6 +10,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from encore.database import experiment_sql
 from encore.database.base import AsyncDatabase, FeedbackConflict, FeedbackEvent, RunRecord
 from encore.database.postgres import (
     INSERT_FEEDBACK,
@@ -20,6 +21,7 @@ from encore.database.postgres import (
     run_values,
 )
 from encore.errors import DATABASE, StoreUnavailable
+from encore.experiments import Experiment, VersionCounts
 from encore.redact import redact
 
 logger = logging.getLogger("encore.database.postgres")
@@ -105,6 +107,8 @@ class AsyncPostgresDatabase(AsyncDatabase):
                 event.model_version,
                 event.liked_playlist_id,
                 list(event.shown_playlist_ids),
+                event.kind,
+                event.experiment_id,
             ),
             one=True,
         )
@@ -134,6 +138,21 @@ class AsyncPostgresDatabase(AsyncDatabase):
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         rows = await self._fetch("SELECT * FROM runs ORDER BY created_at DESC LIMIT %s", (limit,))
         return [run_from_row(r) for r in rows]
+
+    async def get_experiment(self, experiment_id: str | None = None) -> Experiment | None:
+        statement, params = (
+            (experiment_sql.CURRENT, ())
+            if experiment_id is None
+            else (experiment_sql.BY_ID, (experiment_id,))
+        )
+        row = await self._fetch(experiment_sql.sql(statement, "postgres"), params, one=True)
+        return experiment_sql.experiment_from_row(row) if row else None
+
+    async def experiment_counts(self, experiment_id: str) -> list[VersionCounts]:
+        rows = await self._fetch(
+            experiment_sql.sql(experiment_sql.COUNTS, "postgres"), (experiment_id,)
+        )
+        return experiment_sql.counts_from_rows(rows)
 
     async def ping(self, *, timeout_seconds: float | None = None) -> None:
         await self._fetch("SELECT 1", timeout_seconds=timeout_seconds)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from encore.database import experiment_sql
 from encore.database.base import (
     RUN_FIELDS,
     AsyncDatabase,
@@ -26,6 +27,7 @@ from encore.database.base import (
     migrations,
 )
 from encore.errors import DATABASE, RunLocked, StoreUnavailable
+from encore.experiments import Experiment, VersionCounts, experiment_running
 
 TIME_FIELDS = ("created_at", "started_at", "finished_at", "published_at")
 
@@ -51,7 +53,7 @@ def _connect(path: Path, *, busy_timeout_seconds: float = 30.0) -> sqlite3.Conne
 def _to_text(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()
-    if isinstance(value, list):
+    if isinstance(value, list | dict):
         return json.dumps(value)
     return value
 
@@ -61,8 +63,9 @@ def _run_from_row(row: sqlite3.Row) -> RunRecord:
     for name in TIME_FIELDS:
         if values[name]:
             values[name] = datetime.fromisoformat(values[name])
-    if values["popularity_deciles"]:
-        values["popularity_deciles"] = json.loads(values["popularity_deciles"])
+    for name in ("popularity_deciles", "users_by_version"):
+        if values[name]:
+            values[name] = json.loads(values[name])
     return RunRecord(**values)
 
 
@@ -75,6 +78,8 @@ def _event_from_row(row: sqlite3.Row) -> FeedbackEvent:
         shown_playlist_ids=json.loads(row["shown_playlist_ids"]),
         model_version=row["model_version"],
         created_at=datetime.fromisoformat(row["created_at"]),
+        kind=row["kind"],
+        experiment_id=row["experiment_id"],
     )
 
 
@@ -251,6 +256,36 @@ class SQLiteDatabase(Database):
         while rows := cursor.fetchmany(chunk):
             yield [_event_from_row(r) for r in rows]
 
+    def start_experiment(self, experiment: Experiment) -> None:
+        try:
+            with self.conn:
+                self.conn.execute(
+                    experiment_sql.INSERT, experiment_sql.insert_values(experiment, self.dialect)
+                )
+        except sqlite3.IntegrityError as exc:
+            raise experiment_running(self.get_experiment()) from exc
+
+    def end_experiment(self, reason: str) -> Experiment | None:
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            ended = experiment_sql.fetch_experiment(self.conn, self.dialect, None)
+            if ended is not None:
+                ended.ended_at, ended.end_reason = datetime.now(UTC), reason
+                self.conn.execute(
+                    experiment_sql.END,
+                    (_to_text(ended.ended_at), reason, ended.experiment_id),
+                )
+        return ended
+
+    def get_experiment(self, experiment_id: str | None = None) -> Experiment | None:
+        return experiment_sql.fetch_experiment(self.conn, self.dialect, experiment_id)
+
+    def last_experiment(self) -> Experiment | None:
+        return experiment_sql.fetch_one(self.conn, self.dialect, experiment_sql.LAST, ())
+
+    def experiment_counts(self, experiment_id: str) -> list[VersionCounts]:
+        return experiment_sql.fetch_counts(self.conn, self.dialect, experiment_id)
+
     def ping(self) -> None:
         try:
             self.conn.execute("SELECT 1")
@@ -300,8 +335,9 @@ class AsyncSQLiteDatabase(AsyncDatabase):
     async def insert_feedback(self, event: FeedbackEvent) -> bool:
         def insert(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
-                "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (event_id) DO NOTHING",
+                "INSERT INTO feedback (event_id, user_id, run_id, model_version,"
+                " liked_playlist_id, shown_playlist_ids, created_at, kind, experiment_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
                 (
                     str(event.event_id),
                     event.user_id,
@@ -310,6 +346,8 @@ class AsyncSQLiteDatabase(AsyncDatabase):
                     event.liked_playlist_id,
                     json.dumps(list(event.shown_playlist_ids)),
                     _to_text(datetime.now(UTC)),
+                    event.kind,
+                    event.experiment_id,
                 ),
             )
             if cursor.rowcount == 1:
@@ -331,6 +369,12 @@ class AsyncSQLiteDatabase(AsyncDatabase):
 
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         return await self._run(_list_runs, limit)
+
+    async def get_experiment(self, experiment_id: str | None = None) -> Experiment | None:
+        return await self._run(experiment_sql.fetch_experiment, "sqlite", experiment_id)
+
+    async def experiment_counts(self, experiment_id: str) -> list[VersionCounts]:
+        return await self._run(experiment_sql.fetch_counts, "sqlite", experiment_id)
 
     async def ping(self, *, timeout_seconds: float | None = None) -> None:
         # A connection is always at hand: the wait is bounded by the caller (/readyz).

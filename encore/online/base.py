@@ -12,6 +12,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+
+from encore.experiments import Assignment, Challenger
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,19 @@ class RunInfo:
     fallback: bytes  # JSON bytes of the run's popularity list
     created_at: float  # epoch seconds
     published_at: float | None  # first publication; None while the run is being written
+    # The experiment's challenger, when the run scored its share of users with it.
+    challenger: Challenger | None = None
+
+    @cached_property
+    def assignment(self) -> Assignment | None:
+        """Which users the challenger scored; None when the run had no challenger."""
+        return Assignment(self.challenger) if self.challenger else None
+
+    def version_of(self, user_id: int) -> str:
+        """The model version whose arm the user is in: the one that chose its list."""
+        if self.assignment is None:
+            return self.model_version
+        return self.assignment.version_of(user_id, self.model_version)
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,7 @@ class OnlineStore(ABC):
         top_n: int,
         fallback: bytes,
         names: dict[int, str] | None = None,
+        challenger: Challenger | None = None,
     ) -> None:
         """Create the run's keyspace: invisible until published, and removed by the store
         when nothing was written into it for the store's pending TTL (an abandoned run)."""

@@ -5,7 +5,8 @@ Keys::
     encore:current               the published run id
     encore:run:{id}:meta         hash: model_version, top_n, users, fallback, created_at,
                                  published_at (the first publication), previous (the run
-                                 this one replaced, recorded by the flip)
+                                 this one replaced, recorded by the flip), challenger (JSON:
+                                 the experiment's challenger and share, or empty)
     encore:run:{id}:recs         hash: user id -> JSON bytes of the list
     encore:run:{id}:names        hash: playlist id -> name (the page shows them)
 
@@ -21,6 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import orjson
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -33,6 +35,7 @@ from tenacity import (
 )
 
 from encore.errors import ONLINE_STORE, RunFailed, StoreUnavailable
+from encore.experiments import Challenger
 from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo, StoredRun
 from encore.redact import redact
 
@@ -88,6 +91,9 @@ def _info(run_id: str, meta: dict[bytes, bytes]) -> RunInfo | None:
         fallback=meta[b"fallback"],
         created_at=float(meta[b"created_at"]),
         published_at=float(published) if published else None,
+        challenger=Challenger.from_json(orjson.loads(meta[b"challenger"]))
+        if meta.get(b"challenger")
+        else None,
     )
 
 
@@ -127,6 +133,7 @@ class RedisOnlineStore(OnlineStore):
         top_n: int,
         fallback: bytes,
         names: dict[int, str] | None = None,
+        challenger: Challenger | None = None,
     ) -> None:
         meta, recs, names_key = self.keys.all(run_id)
         pipe = self.client.pipeline(transaction=True)
@@ -139,6 +146,7 @@ class RedisOnlineStore(OnlineStore):
                 "fallback": fallback,
                 "created_at": repr(time.time()),
                 "users": 0,
+                "challenger": orjson.dumps(challenger.as_json()) if challenger else b"",
             },
         )
         if names:

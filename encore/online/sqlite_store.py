@@ -8,6 +8,7 @@ ends; expired and abandoned runs are purged when the next run begins.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from encore.errors import ONLINE_STORE, RunFailed, StoreUnavailable
+from encore.experiments import Challenger
 from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo, StoredRun
 
 SCHEMA = """
@@ -27,7 +29,8 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at REAL NOT NULL,
     published_at REAL,
     expires_at REAL,
-    previous TEXT
+    previous TEXT,
+    challenger TEXT
 );
 CREATE TABLE IF NOT EXISTS recs (
     run_id TEXT NOT NULL,
@@ -46,7 +49,7 @@ CREATE TABLE IF NOT EXISTS pointer (
     run_id TEXT NOT NULL
 );
 """
-RUN_COLUMNS = "run_id, model_version, top_n, users, fallback, created_at, published_at"
+RUN_COLUMNS = "run_id, model_version, top_n, users, fallback, created_at, published_at, challenger"
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -58,8 +61,10 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout=30000")
         conn.executescript(SCHEMA)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
-        if "previous" not in columns:  # a store created before runs recorded it
-            conn.execute("ALTER TABLE runs ADD COLUMN previous TEXT")
+        # Columns added since the first release, to a store created before them.
+        for column in ("previous", "challenger"):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
     except sqlite3.Error as exc:
         raise StoreUnavailable(
             f"cannot open the SQLite online store {path}: {exc}", component=ONLINE_STORE
@@ -70,8 +75,17 @@ def connect(path: Path) -> sqlite3.Connection:
 def _info(row: tuple | None) -> RunInfo | None:
     if row is None:
         return None
-    run_id, model_version, top_n, users, fallback, created_at, published_at = row
-    return RunInfo(run_id, model_version, top_n, users, bytes(fallback), created_at, published_at)
+    run_id, model_version, top_n, users, fallback, created_at, published_at, challenger = row
+    return RunInfo(
+        run_id,
+        model_version,
+        top_n,
+        users,
+        bytes(fallback),
+        created_at,
+        published_at,
+        Challenger.from_json(json.loads(challenger)) if challenger else None,
+    )
 
 
 def _select_in(conn: sqlite3.Connection, run_id: str, user_ids: Sequence[int]) -> list:
@@ -103,6 +117,7 @@ class SQLiteOnlineStore(OnlineStore):
         top_n: int,
         fallback: bytes,
         names: dict[int, str] | None = None,
+        challenger: Challenger | None = None,
     ) -> None:
         now = time.time()
         with self.conn:
@@ -112,8 +127,17 @@ class SQLiteOnlineStore(OnlineStore):
             self.conn.execute("DELETE FROM names WHERE run_id = ?", (run_id,))
             self.conn.execute(
                 "INSERT OR REPLACE INTO runs (run_id, model_version, top_n, users, fallback,"
-                " created_at, published_at, expires_at) VALUES (?, ?, ?, 0, ?, ?, NULL, ?)",
-                (run_id, model_version, top_n, fallback, now, now + self.pending_ttl_seconds),
+                " created_at, published_at, expires_at, challenger)"
+                " VALUES (?, ?, ?, 0, ?, ?, NULL, ?, ?)",
+                (
+                    run_id,
+                    model_version,
+                    top_n,
+                    fallback,
+                    now,
+                    now + self.pending_ttl_seconds,
+                    json.dumps(challenger.as_json()) if challenger else None,
+                ),
             )
             if names:
                 self.conn.executemany(

@@ -23,6 +23,7 @@ async def model(state: StateDep, settings: SettingsDep) -> dict:
         "model_version": run.model_version,
         "run_id": run.run_id,
         "top_n": run.top_n,
+        "challenger": run.challenger.as_json() if run.challenger else None,
         "published_at": run.published_at,
         "metadata": metadata,
     }

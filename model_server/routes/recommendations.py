@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Path, Query, Response
 
 from encore.online import RunInfo, truncate
@@ -16,7 +17,7 @@ from model_server.schemas import MAX_ID, RecommendationsRequest
 router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"])
 
 DEFAULT_N = 10
-ITEM = b'{"user_id":%d,"playlist_ids":%s,"source":"%s"}'
+ITEM = b'{"user_id":%d,"playlist_ids":%s,"source":"%s","model_version":%s}'
 
 
 def _check_n(n: int | None, run: RunInfo, settings: Settings, *, where: str) -> int:
@@ -39,20 +40,32 @@ async def _items(state: StateDep, run: RunInfo, user_ids: list[int], n: int) -> 
         stored = await state.reader.read(run.run_id, user_ids)
     cut = n < run.top_n
     fallback = truncate(run.fallback, n) if cut else run.fallback
+    versions = _versions(run, user_ids)
     items = []
     misses = 0
-    for user_id, payload in zip(user_ids, stored, strict=True):
+    for user_id, payload, version in zip(user_ids, stored, versions, strict=True):
         if payload is None:
             misses += 1
-            items.append(ITEM % (user_id, fallback, b"fallback"))
+            items.append(ITEM % (user_id, fallback, b"fallback", version))
         else:
-            items.append(ITEM % (user_id, truncate(payload, n) if cut else payload, b"batch"))
+            list_bytes = truncate(payload, n) if cut else payload
+            items.append(ITEM % (user_id, list_bytes, b"batch", version))
     if misses:
         metrics.USERS_SERVED.labels("fallback").inc(misses)
         metrics.COLD_USERS.inc(misses)
     if misses < len(user_ids):
         metrics.USERS_SERVED.labels("batch").inc(len(user_ids) - misses)
     return items
+
+
+def _versions(run: RunInfo, user_ids: list[int]) -> list[bytes]:
+    """Each user's model version as JSON bytes: the version of the arm the user is in (whose
+    list, or whose fallback, the run stored for it)."""
+    champion = orjson.dumps(run.model_version)
+    if run.challenger is None:
+        return [champion] * len(user_ids)
+    challenger = orjson.dumps(run.challenger.version)
+    return [challenger if theirs else champion for theirs in run.assignment.in_arm(user_ids)]
 
 
 def _head(run: RunInfo) -> bytes:
