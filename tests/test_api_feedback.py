@@ -38,8 +38,10 @@ def test_an_event_is_stored_with_its_model_version_and_time(api, backend):
     assert response.status_code == 201, response.text
     assert response.json() == {
         "event_id": event["event_id"],
+        "kind": "like",
         "status": "stored",
         "model_version": VERSION,
+        "experiment_id": None,  # no experiment ran
     }
     # Durable before the answer: the row is there, read with the database's own client.
     row = backend.feedback_rows()[event["event_id"]]
@@ -51,6 +53,8 @@ def test_an_event_is_stored_with_its_model_version_and_time(api, backend):
         "model_version": VERSION,  # the served run's model, looked up by the server
         "liked_playlist_id": MAX_ID,
         "shown_playlist_ids": [5, 3, 9],
+        "kind": "like",
+        "experiment_id": None,
     }
     assert created_at.tzinfo is not None
     assert sent_at - CLOCK_SLACK <= created_at <= answered_at + CLOCK_SLACK
@@ -96,8 +100,10 @@ def test_the_same_event_again_is_200_and_stored_once(api, backend):
         assert response.status_code == 200, (retry, response.text)
         assert response.json() == {
             "event_id": event["event_id"],
+            "kind": "like",
             "status": "duplicate",
             "model_version": VERSION,
+            "experiment_id": None,
         }
     assert backend.feedback_rows()[event["event_id"]] == stored  # not rewritten
     assert increase(before) == {"stored": 0, "duplicate": len(retries), "failed": 0}

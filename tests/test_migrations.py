@@ -1,4 +1,5 @@
-"""Upgrading a database made before the run lifecycle (migration 0002), on both backends."""
+"""Upgrading a database made before the run lifecycle (migration 0002) and experiments (0003),
+on both backends."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from encore.database.postgres import PostgresDatabase
 from encore.database.sqlite import SQLiteDatabase
 
 FINISHED = datetime(2026, 11, 20, 2, 0, tzinfo=UTC)
+OLD_EVENT = "4f0d4c1e-8a55-4b8e-9d43-0c3c2b1a9e77"
 OLD_ROWS = [
     ("r-published", "scheduled", "published", FINISHED.isoformat()),
     ("r-queued", "backfill", "queued", None),  # its process exited before claiming it
@@ -35,6 +37,12 @@ def _check(db) -> None:
     assert queued.finished_at is not None
     assert db.get_run("r-running").status == "running"  # reconciled by the next run start
     assert db.next_queued() is None
+    # Feedback stored before experiments: a like, of no experiment; a view may follow it.
+    (events,) = db.feedback_since(datetime(2026, 1, 1, tzinfo=UTC))
+    (event,) = events
+    assert (event.kind, event.liked_playlist_id, event.experiment_id) == ("like", 9, None)
+    assert event.model_version == "old-v1"
+    assert db.get_run("r-published").users_by_version is None
 
 
 def test_sqlite_upgrade_from_the_first_schema(tmp_path: Path) -> None:
@@ -53,6 +61,10 @@ def test_sqlite_upgrade_from_the_first_schema(tmp_path: Path) -> None:
             "INSERT INTO runs (run_id, kind, status, created_at, finished_at) VALUES (?,?,?,?,?)",
             (run_id, kind, status, "2026-11-19T00:00:00+00:00", finished),
         )
+    conn.execute(
+        "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (OLD_EVENT, 7, "r-published", "old-v1", 9, "[9, 3]", "2026-11-19T00:00:00+00:00"),
+    )
     conn.close()
     with SQLiteDatabase(path) as db:  # upgrades itself when opened
         _check(db)
@@ -73,7 +85,12 @@ def test_postgres_upgrade_from_the_first_schema(database_url: str) -> None:
                 "INSERT INTO runs (run_id, kind, status, finished_at) VALUES (%s, %s, %s, %s)",
                 (run_id, kind, status, finished),
             )
+        conn.execute(
+            "INSERT INTO feedback (event_id, user_id, run_id, model_version, liked_playlist_id,"
+            " shown_playlist_ids) VALUES (%s, 7, 'r-published', 'old-v1', 9, '{9,3}')",
+            (OLD_EVENT,),
+        )
     with PostgresDatabase(database_url) as db:
-        assert db.upgrade() == ["0002_run_lifecycle.sql"]
+        assert db.upgrade() == ["0002_run_lifecycle.sql", "0003_experiments.sql"]
         _check(db)
         assert db.upgrade() == []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from encore.experiments import Experiment, VersionCounts
@@ -39,7 +39,7 @@ def sql(statement: str, dialect: str) -> str:
 
 def insert_values(experiment: Experiment, dialect: str) -> tuple:
     offline: Any = json.dumps(experiment.offline)
-    started: Any = experiment.started_at
+    started: Any = experiment.started_at or datetime.now(UTC)
     if dialect == "postgres":
         from psycopg.types.json import Jsonb
 
