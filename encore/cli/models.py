@@ -1,7 +1,8 @@
-"""`encore models`: list and promote model bundles."""
+"""`encore models`: list, promote and import model bundles."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,7 +12,7 @@ from encore.cli.worker_group import WorkerCommand
 from encore.console import console, print_table
 from encore.settings import get_settings
 
-models_app = typer.Typer(help="List and promote model bundles.", no_args_is_help=True)
+models_app = typer.Typer(help="List, promote and import model bundles.", no_args_is_help=True)
 
 
 @models_app.command("list", cls=WorkerCommand)
@@ -46,3 +47,26 @@ def models_promote(version: Annotated[str, typer.Argument(help="Bundle version."
 
     bundle = promote(get_settings().bundles_dir, version)
     console.print(f"promoted {bundle.version}")
+
+
+@models_app.command("import", cls=WorkerCommand)
+def models_import(
+    program: Annotated[
+        Path, typer.Option("--program", help="A torch.export program (.pt2, torch.export.save).")
+    ],
+    like: Annotated[
+        str,
+        typer.Option("--like", help="The bundle whose users, playlists and candidates it uses."),
+    ],
+    version: Annotated[
+        str | None, typer.Option("--version", help="The new bundle's version (default: dated).")
+    ] = None,
+) -> None:
+    """Make a bundle of an exported program with the signature of the built-in ranker.
+
+    The program is loaded and run on users of LIKE first; nothing is written if it fails.
+    """
+    from inference.importing import import_program
+
+    bundle = import_program(get_settings().bundles_dir, program, like=like, version=version)
+    console.print(f"imported {bundle.version}", soft_wrap=True)
