@@ -19,15 +19,22 @@ import pytest
 import torch
 from torch import nn
 
-from encore.bundle import Bundle, open_bundle
+from encore.bundle import Bundle, open_bundle, promote
+from encore.database import open_database
 from encore.errors import BundleError
+from encore.online import open_online_store
+from encore.settings import Settings
 from inference import load_model
 from inference.importing import import_program
 from inference.ranker import load_ranker
+from scheduler.job import run_full
+from tests.support import publish_random_run
 from training.fit import TrainParams
 from training.ingest import read_interactions
 from training.synthetic import SyntheticSpec, generate
 from training.train import train_bundle
+
+USERS = 300
 
 
 def _example_script():
@@ -306,3 +313,28 @@ def _pickled_call(function, argument) -> bytes:
     buffer = io.BytesIO()
     torch.save(Payload(), buffer)
     return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_a_promoted_program_publishes_the_lists_its_ranker_published(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", workers=1, batch_size=64)
+    with open_database(settings) as db:
+        db.upgrade()
+    builtin = publish_random_run(settings, users=USERS)
+    ranker = load_ranker(open_bundle(settings.bundles_dir, "random-v1"))
+    path = tmp_path / "ranker.pt2"
+    torch.export.save(export(ranker, ranker.candidates), path)
+    import_program(settings.bundles_dir, path, like="random-v1", version="exported")
+    promote(settings.bundles_dir, "exported")
+
+    program = run_full(settings)
+    assert program.status == "published" and program.model_version == "exported"
+    assert (program.users_scored, program.cold_users) == (builtin.users_scored, builtin.cold_users)
+    assert program.popularity_deciles == builtin.popularity_deciles
+    users = [7 * (code + 1) for code in range(USERS)]
+    with open_online_store(settings) as store:
+        lists = store.read(program.run_id, users)
+        assert lists == store.read(builtin.run_id, users)
+    assert (
+        sum(payload is not None for payload in lists) == builtin.users_scored - builtin.cold_users
+    )
