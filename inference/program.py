@@ -19,6 +19,7 @@ import json
 import math
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any
 
@@ -69,7 +70,18 @@ def read_program(source: Path, *, candidates: int) -> torch.export.ExportedProgr
     except OSError as exc:
         raise BundleError(f"cannot read the program {source}: {exc}") from exc
     with file:
-        _vet_archive(file, source)
+        try:
+            _vet_archive(file, source)
+        except (
+            zipfile.BadZipFile,
+            zlib.error,
+            OSError,
+            ValueError,
+            TypeError,
+            AttributeError,
+        ) as exc:
+            # A damaged archive or a config that is not what torch.export.save writes.
+            raise BundleError(f"{source} is not a readable .pt2 archive: {exc}") from exc
         file.seek(0)
         try:
             program = torch.export.load(file)
@@ -145,18 +157,18 @@ def check_signature(
         isinstance(value, torch.Tensor)
         and value.dtype == dtype
         and value.dim() == (2 if wide else 1)
-        and (not wide or value.shape[1] == candidates)
+        and (not wide or _is_size(value.shape[1], candidates))
         for value, (_, dtype, wide) in zip(inputs, INPUTS, strict=False)
     )
     if not fits:
         raise BundleError(f"{source} takes ({found}); a program must take {expected}")
     for name, value in zip(program.graph_signature.user_inputs, inputs, strict=True):
-        batch = value.shape[0]
-        if not isinstance(batch, torch.SymInt) or not _unbounded(program, batch):
+        bounds = _batch_bounds(program, value.shape[0])
+        if bounds is not None:
             raise BundleError(
-                f"{source} fixes the batch size of {name} at {batch}; export it with "
-                "dynamic_shapes torch.export.Dim('batch') on dimension 0 of every input "
-                f"(a program must take {expected})"
+                f"{source} {bounds} for {name}; export it with dynamic_shapes "
+                "torch.export.Dim('batch') (no min above 1, no max) on dimension 0 of every "
+                f"input (a program must take {expected})"
             )
     outputs = program.graph_signature.user_outputs
     output_node = next(node for node in program.graph.nodes if node.op == "output")
@@ -167,7 +179,7 @@ def check_signature(
         and isinstance(value, torch.Tensor)
         and value.dtype == torch.float32
         and value.dim() == 2
-        and value.shape[1] == candidates
+        and _is_size(value.shape[1], candidates)
     ):
         found_out = _describe("", value) if single == 0 else f"{len(outputs)} outputs"
         raise BundleError(
@@ -189,9 +201,19 @@ def check_scores(scores: Any, source: Path | str, *, users: int, candidates: int
         )
 
 
-def _unbounded(program: torch.export.ExportedProgram, size: torch.SymInt) -> bool:
+def _is_size(size: int | torch.SymInt, expected: int) -> bool:
+    # A symbolic size is compared by type first: its == would add a guard, not answer.
+    return not isinstance(size, torch.SymInt) and size == expected
+
+
+def _batch_bounds(program: torch.export.ExportedProgram, size: int | torch.SymInt) -> str | None:
+    """What is wrong with a batch dimension that does not take every size from 1 up."""
+    if not isinstance(size, torch.SymInt):
+        return f"fixes the batch size at {size}"
     bounds = program.range_constraints.get(size.node.expr)
-    return bounds is None or (int(bounds.lower) <= 1 and math.isinf(float(bounds.upper)))
+    if bounds is not None and (int(bounds.lower) > 1 or not math.isinf(float(bounds.upper))):
+        return f"bounds the batch size to {bounds.lower}..{bounds.upper}"
+    return None
 
 
 def _describe(name: str, value: Any) -> str:

@@ -192,9 +192,9 @@ class InfiniteScores(nn.Module):
         return support / torch.zeros_like(support)
 
 
-def _export(module: nn.Module, path: Path, candidates: int, *, inputs: int = 5, dynamic=True):
-    batch = torch.export.Dim("batch")
-    shapes = tuple({0: batch} for _ in range(inputs)) if dynamic else None
+def _export(module: nn.Module, path: Path, candidates: int, *, inputs: int = 5, dynamic=None):
+    batch = torch.export.Dim("batch") if dynamic is None else dynamic
+    shapes = tuple({0: batch} for _ in range(inputs)) if batch is not False else None
     args = example_inputs(4, candidates)[:inputs]
     torch.export.save(torch.export.export(module, args, dynamic_shapes=shapes), path)
 
@@ -219,7 +219,11 @@ REFUSALS = {
     ),
     "a fixed batch size": (
         lambda path, c: _export(IntegerScores(), path, c, dynamic=False),
-        r"fixes the batch size of users at 4; export it with .*Dim\('batch'\)",
+        r"fixes the batch size at 4 for users; export it with .*Dim\('batch'\)",
+    ),
+    "a bounded batch size": (
+        lambda path, c: _export(IntegerScores(), path, c, dynamic=torch.export.Dim("b", max=64)),
+        r"bounds the batch size to 0\.\.64 for users",
     ),
     "infinite scores": (
         lambda path, c: _export(InfiniteScores(), path, c),
