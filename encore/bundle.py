@@ -5,6 +5,7 @@ Layout (a contract, see docs/architecture.md)::
     bundles/<version>/
         metadata.json      version, created_at, data fingerprint, hyper-parameters, metrics
         weights.pt         torch.save of a state dict: tensors only, loaded with weights_only
+                           (kind "ranker"); or program.pt2, a torch.export program (kind "program")
         user_ids.npy       sorted user ids; a user's code is its position (the id map)
         playlist_ids.npy   sorted playlist ids (the id map)
         popularity.npy     users per playlist code, for the popularity fallback
@@ -32,9 +33,13 @@ from encore.errors import BundleError
 from encore.ids import IdMap
 
 WEIGHTS = "weights.pt"
+PROGRAM = "program.pt2"
 METADATA = "metadata.json"
 PROMOTED = "PROMOTED"
-REQUIRED_FILES = (METADATA, WEIGHTS, "user_ids.npy", "playlist_ids.npy", "popularity.npy")
+REQUIRED_FILES = (METADATA, "user_ids.npy", "playlist_ids.npy", "popularity.npy")
+# The file that holds the model, by model kind; a bundle without a kind is a ranker. A kind
+# not named here needs no file of its own to open (loading it names the unknown kind).
+MODEL_FILES = {"ranker": WEIGHTS, "program": PROGRAM}
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,9 @@ def open_bundle(bundles_dir: Path, version: str) -> Bundle:
         metadata = json.loads((path / METADATA).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"cannot read {path / METADATA}: {exc}") from exc
+    model_file = MODEL_FILES.get(metadata.get("model", {}).get("kind", "ranker"))
+    if model_file is not None and not (path / model_file).exists():
+        raise BundleError(f"bundle {path} is incomplete: missing {model_file}")
     return Bundle(path, metadata)
 
 

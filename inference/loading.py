@@ -13,6 +13,7 @@ DEFAULT_KIND = "ranker"
 # Kind -> "module:class", imported only when a bundle of that kind is loaded (torch with it).
 MODEL_KINDS = {
     "ranker": "inference.ranker:RankerModel",
+    "program": "inference.program:ProgramModel",
 }
 
 

@@ -190,10 +190,16 @@ def rank_users(
     )
     with torch.inference_mode():
         scores = ranker(torch.from_numpy(users), items, support, neighbours, mask)
-        k = min(top_n, scores.shape[1])
-        values, where = torch.topk(scores, k, dim=1)
-        top = torch.gather(items, 1, where).masked_fill(~torch.isfinite(values), -1)
-    out = np.full((len(users), top_n), -1, dtype=np.int64)
+        return top_codes(scores, items, top_n)
+
+
+def top_codes(scores: torch.Tensor, items: torch.Tensor, top_n: int) -> np.ndarray:
+    """The ``top_n`` best-scored item codes per row, ``-1`` where a score is not finite
+    (a masked slot, or past the end of a short list)."""
+    k = min(top_n, scores.shape[1])
+    values, where = torch.topk(scores, k, dim=1)
+    top = torch.gather(items, 1, where).masked_fill(~torch.isfinite(values), -1)
+    out = np.full((scores.shape[0], top_n), -1, dtype=np.int64)
     out[:, :k] = top.numpy()
     return out
 

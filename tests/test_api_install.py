@@ -94,6 +94,7 @@ WORKER_COMMANDS = {
     "evaluate": ["--interactions", "plays.csv"],
     "models list": [],
     "models promote": ["v1"],
+    "models import": ["--program", "ranker.pt2", "--like", "v1"],
     "run": [],
     "backfill": ["--all"],
     "runs rollback": ["some-run"],

@@ -136,5 +136,5 @@ def test_the_ranker_orders_by_its_score(tmp_path: Path) -> None:
 def test_an_unknown_model_kind_is_refused_by_name(tmp_path: Path) -> None:
     bundle = _by_support_bundle(tmp_path)
     odd = Bundle(bundle.path, {**bundle.metadata, "model": {"kind": "onnx"}})
-    with pytest.raises(BundleError, match=r"kind 'onnx'.*kinds: ranker"):
+    with pytest.raises(BundleError, match=r"kind 'onnx'.*kinds: program, ranker"):
         load_model(odd, top_n=3)

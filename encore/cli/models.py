@@ -1,7 +1,9 @@
-"""`encore models`: list model bundles, promote the champion, start or stop a challenger."""
+"""`encore models`: list and import model bundles, promote the champion, start or stop a
+challenger."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,7 +14,7 @@ from encore.console import console, print_table
 from encore.settings import get_settings
 
 models_app = typer.Typer(
-    help="List model bundles, promote the champion, start or stop a challenger.",
+    help="List and import model bundles, promote the champion, start or stop a challenger.",
     no_args_is_help=True,
 )
 
@@ -127,6 +129,30 @@ def models_challenge(
         f"experiment {experiment.experiment_id}: {version} challenges {champion} "
         f"for {share:.0%} of users from the next run"
     )
+
+
+@models_app.command("import", cls=WorkerCommand)
+def models_import(
+    program: Annotated[
+        Path, typer.Option("--program", help="A torch.export program (.pt2, torch.export.save).")
+    ],
+    like: Annotated[
+        str,
+        typer.Option("--like", help="The bundle whose users, playlists and candidates it uses."),
+    ],
+    version: Annotated[
+        str | None, typer.Option("--version", help="The new bundle's version (default: dated).")
+    ] = None,
+) -> None:
+    """Make a bundle of an exported program with the signature of the built-in ranker.
+
+    The program is loaded and run on users of LIKE first; nothing is written if it fails.
+    It can then be promoted champion or made a challenger like any version.
+    """
+    from inference.importing import import_program
+
+    bundle = import_program(get_settings().bundles_dir, program, like=like, version=version)
+    console.print(f"imported {bundle.version}", soft_wrap=True)
 
 
 def _metric(value: float | None) -> str:
