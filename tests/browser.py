@@ -1,7 +1,8 @@
 """Shared by the feedback page's browser tests (test_page_lookup.py and test_page_likes.py): the
 real app (uvicorn in a thread) serving a published run of a random bundle whose playlist names
-include hostile and unusual text, Debian's headless Chromium driven by Playwright, and the page's
-controls. Its fixtures (``server``, ``browser``, ``ui``) are imported by name."""
+include hostile and unusual text, with an experiment running (a second random bundle, the
+challenger, chooses half of the users' lists), Debian's headless Chromium driven by Playwright,
+and the page's controls. Its fixtures (``server``, ``browser``, ``ui``) are imported by name."""
 
 from __future__ import annotations
 
@@ -67,10 +68,25 @@ def shown_name(pid: int) -> str:
 class Server:
     url: str
     settings: Any  # encore.settings.Settings
+    experiment_id: str
+    champion: str
+    challenger: str
 
     def get(self, path: str) -> dict:
         with urllib.request.urlopen(self.url + path, timeout=10) as response:
             return json.load(response)
+
+    def chosen_by(self, user_id: int) -> str:
+        """The version that chose the user's list: its element's in a POST, where the element
+        and the run's (the champion's) model_version are separate keys."""
+        request = urllib.request.Request(
+            self.url + "/v1/recommendations",
+            data=json.dumps({"user_ids": [user_id]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            (element,) = json.load(response)["recommendations"]
+        return element["model_version"]
 
     def feedback_rows(self) -> list[Any]:
         from encore.database import open_database
@@ -81,6 +97,9 @@ class Server:
 
     def rows_of(self, event_id: str) -> list[Any]:
         return [e for e in self.feedback_rows() if str(e.event_id) == event_id]
+
+    def rows_for(self, user_id: int, kind: str) -> list[Any]:
+        return [e for e in self.feedback_rows() if e.user_id == user_id and e.kind == kind]
 
     def user_with(
         self, wanted: Callable[[list[int]], bool], *, start: int, n: int = 10
@@ -109,6 +128,7 @@ def server(
     import uvicorn
 
     from encore.database import open_database
+    from encore.experiments import Experiment, new_experiment_id
     from encore.settings import get_settings
     from model_server.app import create_app
     from scheduler.job import run_full
@@ -127,8 +147,7 @@ def server(
             settings = get_settings()
             with open_database(settings) as db:
                 db.upgrade()  # what `encore db upgrade` does
-            build_random_bundle(
-                settings.bundles_dir,
+            shape = dict(
                 users=USERS,
                 playlists=PLAYLISTS,
                 candidates=20,
@@ -136,8 +155,22 @@ def server(
                 names=NAMES,
                 cold_every=COLD_EVERY,
             )
+            champion = build_random_bundle(settings.bundles_dir, **shape)
+            challenger = build_random_bundle(
+                settings.bundles_dir, **shape, version="challenger", seed=1, promote_it=False
+            )
+            experiment = Experiment(
+                new_experiment_id(),
+                champion.version,
+                challenger.version,
+                0.5,
+                started_at=datetime.now(UTC),
+            )
+            with open_database(settings) as db:
+                db.start_experiment(experiment)  # the run scores the challenger's users with it
             record = run_full(settings)
             assert record.status == "published", record
+            assert record.experiment_id == experiment.experiment_id, record
 
             app = create_app()
             app.dependency_overrides[get_settings] = lambda: settings
@@ -155,7 +188,13 @@ def server(
                 time.sleep(0.05)
             get_settings.cache_clear()
         try:
-            yield Server(f"http://127.0.0.1:{port}", settings)
+            yield Server(
+                f"http://127.0.0.1:{port}",
+                settings,
+                experiment.experiment_id,
+                champion.version,
+                challenger.version,
+            )
         finally:
             uv.should_exit = True
             thread.join(timeout=15)
@@ -186,12 +225,14 @@ def browser() -> Iterator[Any]:
 class Page:
     page: Any  # playwright.sync_api.Page
     api_requests: list[Any]
-    feedback_bodies: list[dict]
+    like_bodies: list[dict]  # every attempt to send a like, retries included
+    view_bodies: list[dict]  # the same for views
     dialogs: list[str]
     errors: list[str]
 
     def event_ids(self) -> set[str]:
-        return {body["event_id"] for body in self.feedback_bodies}
+        """The likes' event ids."""
+        return {body["event_id"] for body in self.like_bodies}
 
 
 @pytest.fixture
@@ -199,13 +240,15 @@ def ui(browser: Any, server: Server) -> Iterator[Page]:
     context = browser.new_context(base_url=server.url, viewport={"width": 900, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(15_000)
-    seen = Page(page, [], [], [], [])
+    seen = Page(page, [], [], [], [], [])
 
     def on_request(request: Any) -> None:
         if "/v1/" in request.url:
             seen.api_requests.append(request)
-            if request.method == "POST" and request.url.endswith("/v1/feedback"):
-                seen.feedback_bodies.append(json.loads(request.post_data))
+            if is_feedback(request):
+                body = json.loads(request.post_data)
+                kind = body.get("kind", "like")
+                (seen.view_bodies if kind == "view" else seen.like_bodies).append(body)
 
     def on_dialog(dialog: Any) -> None:
         seen.dialogs.append(dialog.message)
@@ -222,14 +265,32 @@ def ui(browser: Any, server: Server) -> Iterator[Page]:
     assert seen.errors == [], f"JavaScript errors on the page: {seen.errors}"
 
 
-def look_up(ui: Page, user_id: int | str, n: int | None = None) -> None:
+def is_feedback(request: Any, kind: str | None = None) -> bool:
+    if request.method != "POST" or not request.url.endswith("/v1/feedback"):
+        return False
+    return kind is None or json.loads(request.post_data).get("kind", "like") == kind
+
+
+def stored(response: Any) -> bool:
+    """A view the server accepted (201 stored, 200 already stored)."""
+    return is_feedback(response.request, "view") and response.status in (200, 201)
+
+
+def look_up(ui: Page, user_id: int | str, n: int | None = None, *, view: bool = True) -> None:
+    """Look the user up; with ``view``, also wait until the server has the shown list's view,
+    so that a test's later routing of /v1/feedback meets its likes only."""
     from playwright.sync_api import expect
 
     page = ui.page
     page.get_by_label("User id").fill(str(user_id))
     if n is not None:
         page.get_by_label("How many").fill(str(n))
-    page.get_by_role("button", name="Show playlists").click()
+    button = page.get_by_role("button", name="Show playlists")
+    if view:
+        with page.expect_response(stored):
+            button.click()
+    else:
+        button.click()
     expect(page.get_by_role("status")).to_contain_text(f"for user {user_id}")
 
 

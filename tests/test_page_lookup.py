@@ -1,7 +1,8 @@
 """The feedback page's look-up in a real browser (Debian's headless Chromium driven by Playwright,
-against the real app serving a published run): personal and popular picks, names shown as text
-and never as HTML, inline errors for a bad user id or count, the server's refusal shown, and
-nothing loaded from elsewhere. The server, the browser and the page come from tests/browser.py."""
+against the real app serving a published run): personal and popular picks, the model version
+that chose the list (the champion's or the challenger's), names shown as text and never as HTML,
+inline errors for a bad user id or count, the server's refusal shown, and nothing loaded from
+elsewhere. The server, the browser and the page come from tests/browser.py."""
 
 from __future__ import annotations
 
@@ -101,6 +102,34 @@ def test_unknown_and_cold_users_get_the_popular_list(ui: Page, server: Server) -
         )
     look_up(ui, WARM_USERS[0])
     expect(page.locator("#source")).to_have_text("Personal picks")
+
+
+def test_the_page_shows_the_model_that_chose_the_list(ui: Page, server: Server) -> None:
+    from playwright.sync_api import expect
+
+    model = server.get("/v1/model")
+    assert model["model_version"] == server.champion
+    assert model["challenger"] == {
+        "experiment_id": server.experiment_id,
+        "version": server.challenger,
+        "share": 0.5,
+    }
+    first_of: dict[str, int] = {}
+    for user_id in WARM_USERS:
+        first_of.setdefault(server.chosen_by(user_id), user_id)
+    assert set(first_of) == {server.champion, server.challenger}
+
+    page = ui.page
+    expect(page.locator("#chosen-by")).to_be_hidden()
+    for version, user_id in first_of.items():
+        look_up(ui, user_id)
+        expect(page.locator("#chosen-by")).to_be_visible()
+        expect(page.locator("#chosen-by")).to_have_text(f"Chosen by model {version}")
+        expect(page.locator("#chosen-by code")).to_have_text(version)
+        expect(page.locator("#run-id")).to_have_text(model["run_id"])
+        (view,) = server.rows_of(ui.view_bodies[-1]["event_id"])  # this lookup's view
+        assert view.user_id == user_id
+        assert (view.model_version, view.experiment_id) == (version, server.experiment_id)
 
 
 def test_server_refusal_of_n_is_shown(ui: Page, server: Server) -> None:

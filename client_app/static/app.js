@@ -1,4 +1,5 @@
-// Encore feedback page: look up a user's playlists, like them.
+// Encore feedback page: look up a user's playlists, like them. Each list shown is reported
+// once as a view, so that likes can be set against what was shown.
 // Plain script, no build step, no dependencies. Text from the server is only ever put into
 // the page with textContent, never parsed as HTML.
 "use strict";
@@ -10,7 +11,8 @@
   // server's answer says the rest.
   let maxCount = null;
   const REQUEST_TIMEOUT_MS = 10000;
-  // Automatic retries of a like after a network error or a 502/503/504, then a Retry button.
+  // Automatic retries of a feedback event (a like or a view) after a network error or a
+  // 502/503/504; a like then offers a Retry button, a view is given up.
   const RETRY_DELAYS_MS = [500, 1000, 2000];
   const RETRY_STATUSES = new Set([502, 503, 504]);
 
@@ -26,6 +28,8 @@
   const sourceNote = $("source-note");
   const list = $("playlists");
   const runInfo = $("run-info");
+  const chosenBy = $("chosen-by");
+  const chosenByVersion = $("chosen-by-version");
 
   let lookupGeneration = 0;
 
@@ -252,6 +256,11 @@
       ? "Chosen for this user by the latest nightly run."
       : "There is no personal list for this user yet, so these are the most popular playlists.";
 
+    // One user's answer is that user's element: its model_version is the version that chose
+    // this list (a challenger's, for a user in an experiment's other arm).
+    chosenBy.hidden = typeof recs.model_version !== "string" || recs.model_version === "";
+    chosenByVersion.textContent = chosenBy.hidden ? "" : recs.model_version;
+
     const shown = ids.slice();
     const context = { userId, runId: String(recs.run_id), shown };
     list.replaceChildren(
@@ -261,6 +270,22 @@
     $("model-version").textContent = String(recs.model_version);
     runInfo.hidden = false;
     results.hidden = false;
+    if (shown.length) sendView(context);
+  }
+
+  // ---- the view of a list ---------------------------------------------------------------
+
+  // Every list shown, a new lookup of the same user included, is one view with its own event
+  // id. It is sent in the background and never reported on the page: the list and its likes
+  // do not depend on it, and a lost view only costs the experiment one impression.
+  function sendView(context) {
+    const eventId = newEventId();
+    const body =
+      `{"event_id":${JSON.stringify(eventId)},"kind":"view",` +
+      `"user_id":${context.userId},` +
+      `"run_id":${JSON.stringify(context.runId)},` +
+      `"shown_playlist_ids":[${context.shown.join(",")}]}`;
+    postFeedback(body).catch(() => {});
   }
 
   // ---- one playlist and its like --------------------------------------------------------
@@ -328,13 +353,10 @@
     );
   }
 
-  async function sendLike(like) {
-    if (like.state === "sending" || like.state === "liked") return;
-    // One event id per like: every automatic retry and every press of Retry reuses it, so the
-    // server stores the like exactly once however many attempts reach it.
-    if (like.eventId === null) like.eventId = newEventId();
-    setLikeState(like, "sending");
-    const body = feedbackBody(like);
+  // POSTs one feedback event, retrying network errors and 502/503/504 with the same body, so
+  // the same event id: the server stores the event once however many attempts reach it.
+  // Resolves to the last response, or null when the server could not be reached at all.
+  async function postFeedback(body, onRetry = () => {}) {
     for (let attempt = 0; ; attempt += 1) {
       let response = null;
       try {
@@ -346,35 +368,43 @@
       } catch {
         response = null; // network error or timeout: the server may or may not have it
       }
-      if (response && (response.status === 201 || response.status === 200)) {
-        setLikeState(like, "liked");
-        announce(`Saved: you liked “${like.name}”.`);
-        return;
-      }
+      if (response && (response.status === 201 || response.status === 200)) return response;
       const retryable = response === null || RETRY_STATUSES.has(response.status);
-      if (retryable && attempt < RETRY_DELAYS_MS.length) {
-        announce(`Saving your like of “${like.name}” is taking longer than usual; retrying…`);
-        const delay = RETRY_DELAYS_MS[attempt];
-        await sleep(delay * (0.8 + 0.4 * Math.random()));
-        continue;
-      }
-      if (response === null) {
-        setLikeState(like, "failed");
-        complain(`Your like of “${like.name}” was not saved: the server could not be reached. Press Retry to try again.`);
-        return;
-      }
-      const detail = detailOf(await readJson(response), response);
-      if (response.status >= 500) {
-        setLikeState(like, "failed");
-        const why = response.status === 503 ? "the service is unavailable" : "the server failed";
-        complain(`Your like of “${like.name}” was not saved: ${why} (${detail}). Press Retry to try again.`);
-        return;
-      }
-      // 4xx: sending the same event again would be refused again.
-      like.eventId = null;
-      setLikeState(like, "idle");
-      complain(`Your like of “${like.name}” was refused: ${detail}`);
+      if (!retryable || attempt >= RETRY_DELAYS_MS.length) return response;
+      onRetry();
+      const delay = RETRY_DELAYS_MS[attempt];
+      await sleep(delay * (0.8 + 0.4 * Math.random()));
+    }
+  }
+
+  async function sendLike(like) {
+    if (like.state === "sending" || like.state === "liked") return;
+    // One event id per like: every automatic retry and every press of Retry reuses it.
+    if (like.eventId === null) like.eventId = newEventId();
+    setLikeState(like, "sending");
+    const response = await postFeedback(feedbackBody(like), () =>
+      announce(`Saving your like of “${like.name}” is taking longer than usual; retrying…`)
+    );
+    if (response && (response.status === 201 || response.status === 200)) {
+      setLikeState(like, "liked");
+      announce(`Saved: you liked “${like.name}”.`);
       return;
     }
+    if (response === null) {
+      setLikeState(like, "failed");
+      complain(`Your like of “${like.name}” was not saved: the server could not be reached. Press Retry to try again.`);
+      return;
+    }
+    const detail = detailOf(await readJson(response), response);
+    if (response.status >= 500) {
+      setLikeState(like, "failed");
+      const why = response.status === 503 ? "the service is unavailable" : "the server failed";
+      complain(`Your like of “${like.name}” was not saved: ${why} (${detail}). Press Retry to try again.`);
+      return;
+    }
+    // 4xx: sending the same event again would be refused again.
+    like.eventId = null;
+    setLikeState(like, "idle");
+    complain(`Your like of “${like.name}” was refused: ${detail}`);
   }
 })();
