@@ -18,9 +18,11 @@ SCHEMA = pa.schema(
         ("user_id", pa.int64()),
         ("run_id", pa.string()),
         ("model_version", pa.string()),
-        ("liked_playlist_id", pa.int64()),
+        ("liked_playlist_id", pa.int64()),  # null for a view
         ("shown_playlist_ids", pa.list_(pa.int64())),
         ("created_at", pa.timestamp("us", tz="UTC")),
+        ("kind", pa.string()),  # like | view
+        ("experiment_id", pa.string()),
     ]
 )
 
@@ -42,6 +44,8 @@ def export_feedback(settings: Settings, since: datetime, out: Path) -> int:
                         "liked_playlist_id": [e.liked_playlist_id for e in chunk],
                         "shown_playlist_ids": [list(e.shown_playlist_ids) for e in chunk],
                         "created_at": [e.created_at for e in chunk],
+                        "kind": [e.kind for e in chunk],
+                        "experiment_id": [e.experiment_id for e in chunk],
                     },
                     schema=SCHEMA,
                 )

@@ -55,15 +55,21 @@ def test_lists_in_the_order_asked_with_duplicates_and_fallbacks(api, backend):
     items = body["recommendations"]
     assert [item["user_id"] for item in items] == asked  # order kept, duplicates kept
     for item in items:
-        assert set(item) == {"user_id", "playlist_ids", "source"}
+        assert set(item) == {"user_id", "playlist_ids", "source", "model_version"}
         user = item["user_id"]
         if user in BATCH_USERS:
-            assert item == {"user_id": user, "playlist_ids": stored[user][:10], "source": "batch"}
+            assert item == {
+                "user_id": user,
+                "playlist_ids": stored[user][:10],
+                "source": "batch",
+                "model_version": VERSION,  # no experiment: the champion chose every list
+            }
         else:  # cold (no candidates) or unknown to the run: its fallback, never an error
             assert item == {
                 "user_id": user,
                 "playlist_ids": backend.fallback[:10],
                 "source": "fallback",
+                "model_version": VERSION,
             }
     assert items[0] == items[4]  # the same user twice gets the same list twice
     assert len(backend.fallback) == TOP_N
@@ -184,6 +190,7 @@ def test_one_users_list(api, backend):
         assert response.status_code == 200, (url, response.text)
         assert response.headers["content-type"] == "application/json"
         assert response.json() == head | expected, url
+        assert response.text.count('"model_version"') == 1, response.text  # one key, not two
     # The same element as the batch route gives.
     batch = api.post("/v1/recommendations", json={"user_ids": [21]}).json()
     assert api.get("/v1/recommendations/21").json() == head | batch["recommendations"][0]

@@ -31,7 +31,9 @@ def _insert_old_event(backend: Backend, event: dict[str, Any], created_at: datet
     if backend.settings.database_url:
         with psycopg.connect(backend.settings.database_url) as conn:
             conn.execute(
-                "INSERT INTO feedback VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                "INSERT INTO feedback (event_id, user_id, run_id, model_version,"
+                " liked_playlist_id, shown_playlist_ids, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 (*values, event["shown_playlist_ids"], created_at),
             )
     else:
@@ -39,7 +41,9 @@ def _insert_old_event(backend: Backend, event: dict[str, Any], created_at: datet
         try:
             with conn:
                 conn.execute(
-                    "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO feedback (event_id, user_id, run_id, model_version,"
+                    " liked_playlist_id, shown_playlist_ids, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (*values, json.dumps(event["shown_playlist_ids"]), created_at.isoformat()),
                 )
         finally:

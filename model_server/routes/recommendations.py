@@ -93,4 +93,6 @@ async def recommendation(
     run = await state.current_run()
     count = _check_n(n, run, state.settings, where="query")
     (item,) = await _items(state, run, [user_id], count)
-    return Response(_head(run) + b"," + item[1:], media_type="application/json")
+    # The element's own model_version (the version that chose this list) is the answer's.
+    head = b'{"run_id":%s,' % orjson.dumps(run.run_id)
+    return Response(head + item[1:], media_type="application/json")
