@@ -4,9 +4,13 @@ Builds a bundle of the real ranking model's architecture with random weights and
 made directly (no training): N users x 75 candidates, dim 128, top-10. Then, in this one
 process: (a) a full run into Redis (spawn pool, batches, pipelined writes, verify, publish);
 (b) the write floor: redis-py pipelined SET of the same payloads and nothing else; (c) a naive
-path scoring, encoding and writing one user at a time, on a sample. Prints one JSON line.
+path scoring, encoding and writing one user at a time, on a sample. With
+``--challenger-share S``, a second bundle (same users, other weights) challenges the first for
+that share of users, and runs with and without it alternate ``--pairs`` times: the figure is
+the median ratio of their durations (an experiment's cost). Prints one JSON line.
 
     uv run python bench/batch.py --users 1000000
+    uv run python bench/batch.py --users 1000000 --challenger-share 0.1
 """
 
 from __future__ import annotations
@@ -31,14 +35,69 @@ from scheduler.job import run_full
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _build(home: Path, users: int, playlists: int, candidates: int, dim: int) -> str:
+def _build(
+    home: Path,
+    users: int,
+    playlists: int,
+    candidates: int,
+    dim: int,
+    *,
+    version: str = "random-v1",
+    seed: int = 0,
+) -> str:
     sys.path.insert(0, str(REPO))  # the test fixtures: tests/random_bundle.py
     from tests.random_bundle import build_random_bundle
 
     bundle = build_random_bundle(
-        home / "bundles", users=users, playlists=playlists, candidates=candidates, dim=dim
+        home / "bundles",
+        users=users,
+        playlists=playlists,
+        candidates=candidates,
+        dim=dim,
+        version=version,
+        seed=seed,
+        promote_it=version == "random-v1",  # the challenger is not promoted
     )
     return bundle.version
+
+
+def experiment_cost(settings: Settings, share: float, pairs: int) -> dict:
+    """Runs without and with a challenger, alternated: their durations and median ratio."""
+    from datetime import UTC, datetime
+
+    from encore.database import open_database
+    from encore.experiments import Experiment, new_experiment_id
+
+    alone, together, split = [], [], {}
+    for _ in range(pairs):
+        clock = time.perf_counter()
+        run_full(settings, kind="manual")
+        alone.append(time.perf_counter() - clock)
+        with open_database(settings) as db:
+            db.start_experiment(
+                Experiment(
+                    new_experiment_id(),
+                    "random-v1",
+                    "random-v2",
+                    share,
+                    started_at=datetime.now(UTC),
+                )
+            )
+        clock = time.perf_counter()
+        record = run_full(settings, kind="manual")
+        together.append(time.perf_counter() - clock)
+        split = record.users_by_version or {}
+        with open_database(settings) as db:
+            db.end_experiment("benchmark")
+    ratios = sorted(t / a for a, t in zip(alone, together, strict=True))
+    return {
+        "challenger_share": share,
+        "without_s": [round(x, 2) for x in alone],
+        "with_s": [round(x, 2) for x in together],
+        "ratio_with_to_without": round(ratios[len(ratios) // 2], 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "users_by_version": split,
+    }
 
 
 class TreeMemory:
@@ -134,6 +193,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--top-n", type=int, default=10)
     parser.add_argument("--naive-sample", type=int, default=2000)
+    parser.add_argument("--challenger-share", type=float, default=0.0)
+    parser.add_argument("--pairs", type=int, default=3, help="Runs with and without, each.")
     parser.add_argument(
         "--redis-url", default=os.environ.get("ENCORE_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
@@ -147,7 +208,28 @@ def main() -> None:
             version = child.submit(
                 _build, home, args.users, args.playlists, args.candidates, args.dim
             ).result()
+            if args.challenger_share:
+                child.submit(
+                    _build,
+                    home,
+                    args.users,
+                    args.playlists,
+                    args.candidates,
+                    args.dim,
+                    version="random-v2",
+                    seed=1,
+                ).result()
         settings = Settings(home=home, redis_url=args.redis_url, top_n=args.top_n)
+        if args.challenger_share:
+            print(
+                json.dumps(
+                    {
+                        "users": args.users,
+                        **experiment_cost(settings, args.challenger_share, args.pairs),
+                    }
+                )
+            )
+            return
         with TreeMemory() as memory:
             clock = time.perf_counter()
             record = run_full(settings, kind="manual")

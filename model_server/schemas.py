@@ -14,7 +14,6 @@ from pydantic import (
     Field,
     StrictInt,
     Tag,
-    model_validator,
 )
 
 MAX_ID = 2**63 - 1
@@ -53,27 +52,47 @@ class RecommendationsRequest(BaseModel):
     n: Annotated[StrictInt, Field(ge=1), BeforeValidator(_whole_number)] | None = None
 
 
-class FeedbackRequest(BaseModel):
-    """A like (the default) names the playlist liked; a view, that a list was shown, does not."""
-
+class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     event_id: uuid.UUID
     user_id: Id
     run_id: str = Field(min_length=1, max_length=128)
-    kind: Literal["like", "view"] = "like"
-    liked_playlist_id: Id | None = Field(
-        None, description="The playlist liked: required for a like, absent for a view."
-    )
     shown_playlist_ids: list[Id] = Field(max_length=1000)
 
-    @model_validator(mode="after")
-    def _like_names_a_playlist(self) -> FeedbackRequest:
-        if self.kind == "like" and self.liked_playlist_id is None:
-            raise ValueError("a like needs liked_playlist_id (or send kind 'view')")
-        if self.kind == "view" and self.liked_playlist_id is not None:
-            raise ValueError("a view has no liked_playlist_id (send kind 'like' for a like)")
-        return self
+
+class LikeEvent(_Event):
+    """A playlist liked in a list that was shown (the default kind)."""
+
+    model_config = ConfigDict(title="Like")
+
+    kind: Literal["like"] = "like"
+    liked_playlist_id: Id
+
+
+class ViewEvent(_Event):
+    """A list shown to the user: what an experiment's like rate is measured against."""
+
+    model_config = ConfigDict(title="View")
+
+    kind: Literal["view"]
+
+    @property
+    def liked_playlist_id(self) -> None:
+        return None
+
+
+def _event_kind(value: object) -> object:
+    # A missing kind is a like: the events sent before views existed stay valid.
+    if isinstance(value, dict):
+        return value.get("kind", "like")
+    return getattr(value, "kind", "like")
+
+
+FeedbackRequest = Annotated[
+    Annotated[LikeEvent, Tag("like")] | Annotated[ViewEvent, Tag("view")],
+    Discriminator(_event_kind),
+]
 
 
 class ManualRun(BaseModel):

@@ -94,6 +94,7 @@ WORKER_COMMANDS = {
     "evaluate": ["--interactions", "plays.csv"],
     "models list": [],
     "models promote": ["v1"],
+    "models challenge": ["v2", "--share", "0.1"],
     "models import": ["--program", "ranker.pt2", "--like", "v1"],
     "run": [],
     "backfill": ["--all"],
@@ -163,6 +164,9 @@ def test_the_api_commands_work_without_the_worker_packages(tmp_path: Path) -> No
     assert "marks the run being served" in listed.stderr
     shown = _blocked("cli", "runs", "show", "no-such-run", cwd=tmp_path)
     assert (shown.returncode, shown.stderr.strip()) == (1, "error: no run 'no-such-run'")
+    # The experiment's report reads the database only: no scipy, no numpy.
+    report = _blocked("cli", "experiments", "report", cwd=tmp_path)
+    assert report.returncode == 1 and "no experiment yet" in report.stderr, report.stderr
 
 
 def test_the_app_starts_and_answers_without_the_worker_packages(tmp_path: Path) -> None:
@@ -209,7 +213,7 @@ def test_every_batch_command_stops_before_it_starts(tmp_path: Path) -> None:
 
 
 # The commands the API image runs (test_the_api_commands_work_without_the_worker_packages).
-API_COMMANDS = {"serve", "db upgrade", "runs list", "runs show"}
+API_COMMANDS = {"serve", "db upgrade", "runs list", "runs show", "experiments report"}
 
 
 def test_every_command_is_either_an_api_or_a_batch_command() -> None:

@@ -192,6 +192,7 @@ def test_from_no_run_to_runs_queued_through_the_api(fresh, scheduler_process):
             "user_id": 14,
             "playlist_ids": json.loads(kept)[:10],
             "source": "batch",
+            "model_version": served["model_version"],
         }
         assert served["recommendations"][1]["source"] == "fallback"
         assert served["recommendations"][2]["source"] == "batch"

@@ -96,7 +96,7 @@ def test_cli_generate_train_list_evaluate(tmp_path):
 
     listed = invoke(runner, "models", "list").output
     row = next(line for line in listed.splitlines() if bundle.version in line)
-    assert "*" in row  # the promoted marker
+    assert "champion" in row  # the promoted version's alias
     assert "600" in row and "150" in row
 
     evaluated = invoke(

@@ -156,4 +156,4 @@ def models_import(
 
 
 def _metric(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return "-" if value is None else str(value)  # as stored: rounded by the evaluation
