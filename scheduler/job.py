@@ -36,6 +36,8 @@ def run_full(
     stop: threading.Event | None = None,
 ) -> RunRecord:
     """Score every user of the promoted bundle and publish the run; return its record."""
+    stop = stop or threading.Event()
+    persist = within_budget(settings.store_retry_seconds, stop)
 
     def plan(db: Database, store: OnlineStore, record: RunRecord) -> Plan:
         bundle = promoted_bundle(settings.bundles_dir)
@@ -44,7 +46,7 @@ def run_full(
             range(s, min(n_users, s + settings.batch_size))
             for s in range(0, n_users, settings.batch_size)
         ]
-        arm = _current_arm(db.get_experiment(), bundle.version)
+        arm = _current_arm(persist(db.get_experiment), bundle.version)
         return Plan(
             bundle,
             record.run_id,

@@ -66,13 +66,15 @@ def models_promote(version: Annotated[str, typer.Argument(help="Bundle version."
 
     A running experiment ends with it (promoting its challenger is how it is won).
     """
-    from encore.bundle import open_bundle, promote
+    from encore.bundle import open_bundle, promote, promoted_version
     from encore.database import open_database
 
     settings = get_settings()
     open_bundle(settings.bundles_dir, version)  # refuse an unknown version before anything
-    with open_database(settings) as db:
-        ended = db.end_experiment(f"promoted {version}")
+    ended = None
+    if version != promoted_version(settings.bundles_dir):
+        with open_database(settings) as db:
+            ended = db.end_experiment(f"promoted {version}")
     bundle = promote(settings.bundles_dir, version)
     console.print(f"promoted {bundle.version}: the champion from the next run")
     if ended is not None:
