@@ -69,11 +69,41 @@ def wrk(url: str, *, connections: int, seconds: int, script: Path | None = None)
     }
 
 
+def _challenge(settings, users: int, share: float) -> None:
+    from datetime import UTC, datetime
+
+    from encore.database import open_database
+    from encore.experiments import Experiment, new_experiment_id
+    from tests.random_bundle import build_random_bundle
+
+    build_random_bundle(
+        settings.bundles_dir,
+        users=users,
+        playlists=20_000,
+        dim=32,
+        version="challenger",
+        seed=1,
+        promote_it=False,
+    )
+    with open_database(settings) as db:
+        db.start_experiment(
+            Experiment(
+                new_experiment_id(), "random", "challenger", share, started_at=datetime.now(UTC)
+            )
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--challenger-share",
+        type=float,
+        default=0.0,
+        help="Publish the run with a challenger for this share of users (labels cost).",
+    )
     parser.add_argument(
         "--redis-url", default=os.environ.get("ENCORE_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
@@ -99,6 +129,8 @@ def main() -> None:
         prefix = f"bench-api-{os.getpid()}"
         settings = Settings(home=home, redis_url=redis_url, redis_prefix=prefix)
         build_random_bundle(home / "bundles", users=args.users, playlists=20_000, dim=32)
+        if args.challenger_share:
+            _challenge(settings, args.users, args.challenger_share)
         run_full(settings)
         port = free_port()
         env = {**os.environ, "ENCORE_HOME": str(home), "ENCORE_REDIS_PREFIX": prefix}
@@ -149,6 +181,7 @@ def main() -> None:
             {
                 "users": args.users,
                 "store": "redis" if redis_url else "sqlite",
+                "challenger_share": args.challenger_share,
                 **{
                     f"{route}_{k}": v
                     for route, figures in results.items()
