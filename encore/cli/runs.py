@@ -109,7 +109,12 @@ def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
             r.kind,
             r.status,
             r.target_run_id or "-",
-            r.model_version or "-",
+            (r.model_version or "-")
+            + (
+                f" + {r.challenger_version} ({r.challenger_share:.0%})"
+                if r.challenger_version
+                else ""
+            ),
             f"{r.users_scored:,}",
             f"{r.cold_users:,}",
             f"{r.duration_seconds:.1f}" if r.duration_seconds else "-",
@@ -157,3 +162,9 @@ def _print_run(record) -> None:
         f"{record.users_scored:,} users, {record.cold_users:,} cold ({cold}), "
         f"model {record.model_version}, {record.duration_seconds or 0:.1f} s{drift}"
     )
+    if record.challenger_version:
+        split = ", ".join(f"{v}: {n:,}" for v, n in (record.users_by_version or {}).items())
+        console.print(
+            f"experiment {record.experiment_id}: challenger {record.challenger_version} for "
+            f"{record.challenger_share:.0%} of users; users per version: {split}"
+        )
