@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -32,6 +31,8 @@ from model_server.routes import (
 )
 from model_server.state import ServingState
 
+GAUGES_STOP_SECONDS = 5.0
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,8 +57,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             yield
         finally:
             gauges.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gauges
+            # Bounded: a query cut short by the cancellation must not hold the shutdown.
+            await asyncio.wait({gauges}, timeout=GAUGES_STOP_SECONDS)
     finally:
         # Closed in reverse order of opening.
         await database.aclose()
