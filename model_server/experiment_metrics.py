@@ -29,6 +29,10 @@ async def refresh(database: AsyncDatabase) -> None:
 async def refresh_forever(database: AsyncDatabase, *, interval_seconds: float) -> None:
     failing = False
     while True:
+        # Not at once: with a query while the Postgres pool was still opening, a later
+        # Postgres restart left the pool unable to hand out a connection within its timeout
+        # (tests/test_faults_postgres.py). GET /v1/experiments/current also sets the gauges.
+        await asyncio.sleep(interval_seconds)
         try:
             await refresh(database)
             failing = False
@@ -37,4 +41,3 @@ async def refresh_forever(database: AsyncDatabase, *, interval_seconds: float) -
             if not failing:
                 logger.warning("cannot refresh the experiment's gauges: %s", exc)
             failing = True
-        await asyncio.sleep(interval_seconds)
