@@ -30,6 +30,8 @@ from scheduler.engines import BatchSink
 
 logger = logging.getLogger("encore.scheduler.ray")
 
+BLOCKS_PER_ACTOR = 8
+
 
 def score_in_ray(
     settings: Settings,
@@ -54,11 +56,14 @@ def score_in_ray(
         actors = actor_count(settings)
         # Paths as the driver sees them: an actor's working directory is not the driver's.
         worker_settings = settings.model_copy(update={"home": settings.home.resolve()})
-        dataset = ray.data.from_items(_rows(batches)).map_batches(
+        # A Ray task per few dozen batches rather than per batch: its scheduling costs as much
+        # as scoring a batch. Eight per actor still balance the end of the run.
+        blocks = max(1, min(len(batches), actors * BLOCKS_PER_ACTOR))
+        dataset = ray.data.from_items(_rows(batches), override_num_blocks=blocks).map_batches(
             ScoreAndWrite,
             batch_size=1,  # one of the run's batches per call: its size is ENCORE_BATCH_SIZE
             batch_format="numpy",
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=1,
             fn_constructor_kwargs={
                 "settings": worker_settings,
