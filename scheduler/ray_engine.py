@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from encore.bundle import Bundle
 from encore.errors import EncoreError, RunStopped
 from encore.experiments import Challenger
 from encore.settings import Settings
-from inference import BatchCounts, Users
+from inference import BatchCounts, ScoredBatch, Users
 from scheduler.engines import BatchSink
 
 logger = logging.getLogger("encore.scheduler.ray")
@@ -61,7 +62,7 @@ def score_in_ray(
         blocks = max(1, min(len(batches), actors * BLOCKS_PER_ACTOR))
         dataset = ray.data.from_items(_rows(batches), override_num_blocks=blocks).map_batches(
             ScoreAndWrite,
-            batch_size=1,  # one of the run's batches per call: its size is ENCORE_BATCH_SIZE
+            batch_size=None,  # a whole block per call: its batches' writes overlap scoring
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=1,
@@ -176,21 +177,32 @@ class ScoreAndWrite:
         self.store = open_online_store(settings)
         self.persist = within_budget(settings.store_retry_seconds, threading.Event())
         self.write_into, self.delete_cold = write_into, delete_cold
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="encore-write")
+
+    def _write(self, result: ScoredBatch) -> None:
+        self.persist(self.store.write_batch, self.write_into, result.user_ids, result.payloads)
+        if self.delete_cold and len(result.cold_user_ids):
+            self.persist(self.store.delete_users, self.write_into, result.cold_user_ids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Score a block's batches, each written while the next is scored (as the pool's parent
+        writes while its workers score); every write has landed when the counts go back."""
         out: dict[str, list] = {"lists": [], "cold": [], "deciles": [], "seconds": []}
         out["by_version"] = []
+        writing: Future | None = None
         for users in _users(batch):
             clock = time.perf_counter()
             result = self.model.score(users)
-            self.persist(self.store.write_batch, self.write_into, result.user_ids, result.payloads)
-            if self.delete_cold and len(result.cold_user_ids):
-                self.persist(self.store.delete_users, self.write_into, result.cold_user_ids)
+            if writing is not None:
+                writing.result()
+            writing = self.writer.submit(self._write, result)
             out["lists"].append(len(result.user_ids))
             out["cold"].append(len(result.cold_user_ids))
             out["deciles"].append(result.deciles)
             out["seconds"].append(time.perf_counter() - clock)
             out["by_version"].append(json.dumps(result.by_version))
+        if writing is not None:
+            writing.result()
         return {
             "lists": np.asarray(out["lists"], dtype=np.int64),
             "cold": np.asarray(out["cold"], dtype=np.int64),
