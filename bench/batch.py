@@ -7,10 +7,14 @@ process: (a) a full run into Redis (spawn pool, batches, pipelined writes, verif
 path scoring, encoding and writing one user at a time, on a sample. With
 ``--challenger-share S``, a second bundle (same users, other weights) challenges the first for
 that share of users, and runs with and without it alternate ``--pairs`` times: the figure is
-the median ratio of their durations (an experiment's cost). Prints one JSON line.
+the median ratio of their durations (an experiment's cost). With ``--engine ray``, the same run
+again with the Ray engine after the local one (it starts a local Ray and stops it: that time
+counts), its wall time, its ratio to the local run's, and whether a sample of users got the
+same lists. Prints one JSON line.
 
     uv run python bench/batch.py --users 1000000
     uv run python bench/batch.py --users 1000000 --challenger-share 0.1
+    uv run --extra ray python bench/batch.py --users 1000000 --engine ray
 """
 
 from __future__ import annotations
@@ -151,6 +155,31 @@ class TreeMemory:
         self._thread.join()
 
 
+def ray_against_local(settings: Settings, local_run: str, users: int) -> dict:
+    """The same run with the Ray engine: its time, and a sample of lists compared."""
+    from encore.online import open_online_store
+    from scheduler.ray_engine import actor_count, import_ray
+
+    ray_settings = settings.model_copy(update={"engine": "ray"})
+    clock = time.perf_counter()
+    record = run_full(ray_settings, kind="manual")
+    seconds = time.perf_counter() - clock
+    sample = np.random.default_rng(2).choice(users, min(users, 20_000), replace=False)
+    ids = (7 * (sample + 1)).tolist()
+    with open_online_store(settings) as store:
+        identical = store.read(local_run, ids) == store.read(record.run_id, ids)
+    ray = import_ray()
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+    actors = actor_count(ray_settings)
+    ray.shutdown()
+    return {
+        "seconds": seconds,
+        "actors": actors,
+        "identical_sample": identical,
+        "published": record.status == "published",
+    }
+
+
 def write_floor(client: redis.Redis, payloads: dict[bytes, bytes], batch: int) -> float:
     keys = list(payloads)
     clock = time.perf_counter()
@@ -196,6 +225,12 @@ def main() -> None:
     parser.add_argument("--challenger-share", type=float, default=0.0)
     parser.add_argument("--pairs", type=int, default=3, help="Runs with and without, each.")
     parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: the Ray engine's run too, after the local one (needs --extra ray).",
+    )
+    parser.add_argument(
         "--redis-url", default=os.environ.get("ENCORE_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
     args = parser.parse_args()
@@ -238,6 +273,16 @@ def main() -> None:
         payloads = client.hgetall(recs_key)
         floor = write_floor(client, payloads, settings.batch_size)
         per_user_naive = naive(home, version, client, args.naive_sample, args.top_n)
+        ray = ray_against_local(settings, record.run_id, args.users) if args.engine == "ray" else {}
+    engine = {}
+    if ray:
+        engine = {
+            "ray_seconds": round(ray["seconds"], 2),
+            "ray_to_local": round(ray["seconds"] / seconds, 3),
+            "ray_actors": ray["actors"],
+            "ray_identical_sample": ray["identical_sample"],
+            "ray_published": ray["published"],
+        }
     print(
         json.dumps(
             {
@@ -253,6 +298,7 @@ def main() -> None:
                 "workers": settings.workers,
                 "batch_size": settings.batch_size,
                 "published": record.status == "published",
+                **engine,
             }
         )
     )

@@ -11,6 +11,9 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# The engines that can score a run (scheduler/pool.py, scheduler/ray_engine.py).
+ENGINES = ("local", "ray")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ENCORE_", env_file=".env", extra="ignore")
@@ -35,6 +38,13 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(1, ge=1, description="torch threads per scoring process.")
     batches_in_flight: int = Field(0, ge=0, description="0 = two per worker.")
+    engine: str = Field(
+        "local", description="What scores a run: local (a process pool) or ray (Ray Data)."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (an address or auto); unset = start a local Ray."
+    )
+    ray_actors: int = Field(0, ge=0, description="Ray scoring actors; 0 = one per CPU Ray reports.")
     run_grace_seconds: int = Field(
         48 * 3600, ge=0, description="How long a replaced run stays readable (rollback window)."
     )
@@ -71,6 +81,13 @@ class Settings(BaseSettings):
     def _empty_token_is_unset(cls, value: object) -> object:
         # ENCORE_ADMIN_TOKEN= (copied from .env.example) must not open the admin routes.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in ENGINES:
+            raise ValueError(f"unknown engine {value!r}: choose one of {', '.join(ENGINES)}")
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -15,7 +15,16 @@ the process that scores.
 """
 
 from inference.arms import Arms, load_arms
-from inference.base import ModelVersion, ScoredBatch, Users
+from inference.base import BatchCounts, ModelVersion, ScoredBatch, Users
 from inference.loading import MODEL_KINDS, load_model
 
-__all__ = ["MODEL_KINDS", "Arms", "ModelVersion", "ScoredBatch", "Users", "load_arms", "load_model"]
+__all__ = [
+    "MODEL_KINDS",
+    "Arms",
+    "BatchCounts",
+    "ModelVersion",
+    "ScoredBatch",
+    "Users",
+    "load_arms",
+    "load_model",
+]

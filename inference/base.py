@@ -32,6 +32,28 @@ class ScoredBatch:
         """Without the id matrix: what a scoring process sends back to the one that writes."""
         return replace(self, playlist_ids=None)
 
+    def counts(self) -> BatchCounts:
+        """What a run counts of this batch, without its lists."""
+        return BatchCounts(
+            lists=len(self.user_ids),
+            cold=len(self.cold_user_ids),
+            deciles=self.deciles,
+            seconds=self.seconds,
+            by_version=dict(self.by_version),
+        )
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """A scored batch as a run counts it: all that travels back from an engine whose workers
+    write the lists to the online store themselves."""
+
+    lists: int  # users with a list
+    cold: int  # users without candidates
+    deciles: np.ndarray
+    seconds: float  # scoring, plus writing when the worker wrote
+    by_version: dict[str, int] = field(default_factory=dict)
+
 
 class ModelVersion(ABC):
     """A model version loaded once per process: user codes in, top-n lists out.

@@ -25,10 +25,10 @@ from encore.online import OnlineStore
 from encore.progress import Progress
 from encore.redact import redact
 from encore.settings import Settings
-from inference import ScoredBatch, load_arms
+from inference import BatchCounts, ScoredBatch, load_arms
 from scheduler.drift import compare_runs
+from scheduler.engines import BatchSink, engine_for
 from scheduler.lifecycle import ProgressSaver, maintain, until_it_lands, within_budget
-from scheduler.pool import score_in_pool
 from scheduler.run_metrics import RunMetrics
 
 logger = logging.getLogger("encore.scheduler.job")
@@ -155,15 +155,17 @@ class RunExecution:
             self.persist(self.store.write_batch, plan.write_into, result.user_ids, result.payloads)
             if not plan.flip and len(result.cold_user_ids):
                 self.persist(self.store.delete_users, plan.write_into, result.cold_user_ids)
-            totals.lists += len(result.user_ids)
-            totals.cold += len(result.cold_user_ids)
-            totals.deciles += result.deciles
-            totals.by_version.update(result.by_version)
+            counts = result.counts()
+            count(replace(counts, seconds=counts.seconds + time.perf_counter() - write_clock))
+
+        def count(counts: BatchCounts) -> None:
+            totals.lists += counts.lists
+            totals.cold += counts.cold
+            totals.deciles += counts.deciles
+            totals.by_version.update(counts.by_version)
             if self.metrics:
-                self.metrics.batch_seconds.observe(
-                    result.seconds + time.perf_counter() - write_clock
-                )
-                self.metrics.deciles.add(result.deciles)
+                self.metrics.batch_seconds.observe(counts.seconds)
+                self.metrics.deciles.add(counts.deciles)
             done = totals.lists + totals.cold
             self.report("score users", done, plan.users_total)
             saver.update(users_scored=done, cold_users=totals.cold)
@@ -195,12 +197,12 @@ class RunExecution:
                         raise RunStopped("stopped on request before the flip")
                     on_result(model.score(batch))
             else:
-                score_in_pool(
+                engine_for(self.settings.engine)(
                     self.settings,
                     plan.bundle,
                     plan.batches,
                     plan.top_n,
-                    on_result,
+                    BatchSink(on_result, count, plan.write_into, delete_cold=not plan.flip),
                     stop=self.stop,
                     challenger=plan.challenger,
                     arm=plan.arm,

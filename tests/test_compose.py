@@ -123,6 +123,8 @@ def test_the_stack_has_its_services(services: dict[str, Any]) -> None:
         "model_server",
         "prometheus",
         "grafana",
+        "ray-head",
+        "ray-worker",
     }
     assert services["redis"]["image"].startswith("redis:7")
     assert services["postgres"]["image"].startswith("postgres:16")
@@ -331,6 +333,36 @@ def test_encore_settings_in_compose_are_real_and_valid(
         assert settings.admin_token is not None
         assert settings.cors_origins == []
     assert Settings.model_fields["scheduler_metrics_port"].default == 9101
+
+
+def test_the_ray_profile_is_a_head_and_a_worker_of_the_worker_image(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker compose --profile ray up`: a Ray cluster for `encore run --engine ray`."""
+    from encore.settings import Settings
+
+    profiled = {name for name, service in services.items() if service.get("profiles")}
+    assert profiled == {"ray-head", "ray-worker"}, "only the Ray nodes are optional"
+    head, worker = services["ray-head"], services["ray-worker"]
+    for name, node in (("ray-head", head), ("ray-worker", worker)):
+        assert node["profiles"] == ["ray"], name
+        assert node["build"]["target"] == "worker", f"{name}: Ray is in the worker image"
+        assert node["command"][:2] == ["ray", "start"] and "--block" in node["command"], name
+        # The actors read the bundle by its path: ENCORE_HOME is the same volume everywhere.
+        targets = {m["target"]: m.get("source") for m in _volume_mounts(node)}
+        assert targets.get("/data") == "encore-data", name
+        assert _environment(node)["ENCORE_HOME"] == "/data", name
+        assert node.get("init") is True and "ports" not in node, name
+    assert "--head" in head["command"] and "--port=6379" in head["command"]
+    assert "--num-cpus=0" in head["command"], "the driver's node holds no scoring actor"
+    assert "--address=ray-head:6379" in worker["command"]
+    assert worker["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    env = _example_env()
+    for key, value in _environment(head).items():
+        if key.startswith("ENCORE_"):
+            monkeypatch.setenv(key, _interpolate(value, env))
+    settings = Settings()
+    assert (settings.engine, settings.ray_address) == ("ray", "auto")
 
 
 def test_service_commands(services: dict[str, Any]) -> None:

@@ -86,8 +86,12 @@ def test_no_cuda_package_of_the_lock_is_installed(instructions: list[Any]) -> No
             assert _dependencies(package) <= expected, package["name"]
     syncs = _runs(worker, "uv sync")
     assert len(syncs) == 2
+    # The ray extra (the Ray engine, compose's ray profile) brings no CUDA package nor torch.
+    by_ray = _installed_by(packages, set(), {"ray"}) - _installed_by(packages, set())
+    assert "ray" in by_ray and not by_ray & expected, sorted(by_ray & expected)
     for sync in syncs:
         assert _selected_groups(sync.value[0]) == {"worker"}, sync.original
+        assert _selected_extras(sync.value[0]) == {"ray"}, sync.original
         skipped = _option_values(sync.value[0], "--no-install-package")
         assert len(skipped) == len(set(skipped)), "a package is listed twice"
         assert set(skipped) <= names, f"not in uv.lock: {sorted(set(skipped) - names)}"
@@ -105,7 +109,7 @@ def test_no_cuda_package_of_the_lock_is_installed(instructions: list[Any]) -> No
 
 # How uv picks dependency groups from these flags (uv's "Default groups" documentation).
 GROUP_FLAGS = {"--no-default-groups", "--group", "--no-group", "--no-dev"}
-UNMODELLED = {"--all-groups", "--only-group", "--only-dev", "--dev", "--extra", "--all-extras"}
+UNMODELLED = {"--all-groups", "--only-group", "--only-dev", "--dev", "--all-extras"}
 
 
 def _selected_groups(command: str) -> set[str]:
@@ -122,8 +126,15 @@ def _selected_groups(command: str) -> set[str]:
     return groups
 
 
-def _installed_by(packages: list[dict[str, Any]], groups: set[str]) -> set[str]:
-    """Every package a sync of the project with these groups can install, on any platform.
+def _selected_extras(command: str) -> set[str]:
+    return set(_option_values(command, "--extra"))
+
+
+def _installed_by(
+    packages: list[dict[str, Any]], groups: set[str], extras: set[str] = frozenset()
+) -> set[str]:
+    """Every package a sync of the project with these groups and extras can install, on any
+    platform.
 
     Markers are ignored (a package needed on some platform counts), extras are followed.
     """
@@ -134,6 +145,8 @@ def _installed_by(packages: list[dict[str, Any]], groups: set[str]) -> set[str]:
     pending = list(project.get("dependencies", []))
     for group in groups:
         pending += project.get("dev-dependencies", {})[group]
+    for extra in extras:
+        pending += project.get("optional-dependencies", {})[extra]
     seen: set[tuple[str, str | None]] = set()
     while pending:
         dependency = pending.pop()
@@ -150,11 +163,11 @@ def _installed_by(packages: list[dict[str, Any]], groups: set[str]) -> set[str]:
 
 
 def _worker_only(packages: list[dict[str, Any]]) -> set[str]:
-    """What the API image must never contain: the worker group and the CUDA stack."""
+    """What the API image must never contain: the worker group, Ray and the CUDA stack."""
     worker = {dep["name"] for dep in _project(packages)["dev-dependencies"]["worker"]}
     cuda = {p["name"] for p in packages if CUDA_NAME.match(p["name"])}
     assert {"torch", "faiss-cpu", "scipy"} <= worker
-    return worker | cuda
+    return worker | cuda | {"ray"}
 
 
 def _project(packages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -171,10 +184,11 @@ def test_the_api_image_installs_no_worker_package(instructions: list[Any]) -> No
         assert set(shlex.split(sync.value[0])) & GROUP_FLAGS <= {"--no-default-groups"}
         groups = _selected_groups(sync.value[0])
         assert groups == set(), f"the API image installs the groups {groups}"
+        assert _selected_extras(sync.value[0]) == set(), "the API image installs an extra"
         pulled = _installed_by(packages, groups) & forbidden
         assert not pulled, f"the API image would install {sorted(pulled)}"
     # The walk sees what it must: with the worker group, torch and its CUDA stack.
-    assert forbidden <= _installed_by(packages, {"worker"})
+    assert forbidden <= _installed_by(packages, {"worker"}, {"ray"})
 
 
 def test_a_dependency_that_drags_torch_into_the_api_image_is_found() -> None:

@@ -13,7 +13,7 @@ from rich.table import Table
 from encore.cli.worker_group import WorkerCommand
 from encore.console import console, print_table, stage_progress
 from encore.errors import InputError
-from encore.settings import get_settings
+from encore.settings import ENGINES, get_settings
 
 runs_app = typer.Typer(help="Inspect published runs and roll back.", no_args_is_help=True)
 
@@ -23,6 +23,10 @@ def run(
         str | None, typer.Option(help="Use a run record created by POST /v1/runs.")
     ] = None,
     kind: Annotated[str, typer.Option(help="manual, scheduled or backfill.")] = "manual",
+    engine: Annotated[
+        str | None,
+        typer.Option(help="local (a process pool) or ray (Ray Data). Default: ENCORE_ENGINE."),
+    ] = None,
 ) -> None:
     """Score every user with the promoted model and publish the run now.
 
@@ -32,8 +36,16 @@ def run(
     from scheduler.job import run_full
     from scheduler.stopping import stop_on_signals
 
+    settings = get_settings()
+    if engine is not None:
+        if engine not in ENGINES:
+            raise typer.BadParameter(
+                f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}",
+                param_hint="--engine",
+            )
+        settings = settings.model_copy(update={"engine": engine})
     with stop_on_signals(threading.Event()) as stop, stage_progress() as progress:
-        record = run_full(get_settings(), kind=kind, run_id=run_id, progress=progress, stop=stop)
+        record = run_full(settings, kind=kind, run_id=run_id, progress=progress, stop=stop)
     _print_run(record)
 
 
