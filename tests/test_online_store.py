@@ -171,7 +171,8 @@ def test_redis_run_keys_are_spread_over_buckets_and_expire_while_pending(
 
     prefix = _prefix()
     with RedisOnlineStore(redis_url, prefix=prefix, buckets=4) as store:
-        _write_run(store, "r1", {user: b"[1]" for user in range(1, 41)})
+        users = [7 * 4096 * n for n in range(1, 41)]  # one block each (ids go by blocks)
+        _write_run(store, "r1", {user: b"[1]" for user in users})
         client = redis.Redis.from_url(redis_url)
         keys = _run_keys(client, prefix, "r1")
         assert keys == sorted(

@@ -43,7 +43,13 @@ UNAVAILABLE = (
     SlotNotCoveredError,
 )
 PLACEHOLDER = b"_"  # the field that keeps an empty bucket (and its expiry) in existence
-_GOLDEN = 0x9E3779B1  # Knuth's multiplicative hash: strided ids still spread evenly
+# Ids go to buckets a block of consecutive ids at a time: a batch (consecutive users of the
+# bundle's sorted ids) is then an HSET into a few buckets, not one per user. The blocks are
+# spread over the buckets by Knuth's multiplicative hash, so buckets stay even however the
+# ids are spread, and a bucket holds about users / buckets lists (plus a block or two).
+BLOCK_BITS = 12
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK = (1 << 64) - 1
 
 
 def unavailable(url: str, what: str, exc: BaseException) -> StoreUnavailable:
@@ -58,7 +64,7 @@ def unavailable(url: str, what: str, exc: BaseException) -> StoreUnavailable:
 
 def bucket_of(user_id: int, buckets: int) -> int:
     """The bucket holding a user's list: stable across processes and releases."""
-    return ((int(user_id) * _GOLDEN) & 0xFFFFFFFF) * buckets >> 32
+    return (((int(user_id) >> BLOCK_BITS) * _GOLDEN) & _MASK) * buckets >> 64
 
 
 def group_by_bucket(user_ids: Iterable[int], buckets: int) -> dict[int, list[int]]:
