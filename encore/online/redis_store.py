@@ -67,11 +67,13 @@ class RedisOnlineStore(OnlineStore):
         pending_ttl_seconds: int = 6 * 3600,
         cluster: bool = False,
         buckets: int = 1024,
+        expiry_spread_seconds: float = 600.0,
     ) -> None:
         self.url = url
         self.keys = Keys(prefix)
         self.pending_ttl_seconds = pending_ttl_seconds
         self.buckets = buckets  # for the runs this process begins; a run's own is in its meta
+        self.expiry_spread_seconds = expiry_spread_seconds
         self.client = connect(url, cluster=cluster, socket_timeout=socket_timeout)
         # Runs this process is writing, not yet published -> when their expiry is next pushed
         # back (monotonic seconds).
@@ -320,8 +322,19 @@ class RedisOnlineStore(OnlineStore):
         return list(found.values())
 
     def expire(self, run_id: str, seconds: int) -> None:
-        keys = [self.keys.meta(run_id), *self._data_keys(run_id)]
-        self._run("expire", lambda pipe: [pipe.expire(key, seconds, nx=True) for key in keys])
+        # The metadata at `seconds` (the run is gone for readers and rollback at once), the
+        # other keys spread over the next `expiry_spread_seconds`: a server without
+        # lazyfree-lazy-expire frees an expired key in the foreground, and a thousand buckets
+        # expiring in the same instant would hold it for their sum in one expiry cycle.
+        data = self._data_keys(run_id)
+        step = self.expiry_spread_seconds * 1000 / max(len(data), 1)
+
+        def expire(pipe) -> None:
+            pipe.expire(self.keys.meta(run_id), seconds, nx=True)
+            for index, key in enumerate(data):
+                pipe.pexpire(key, seconds * 1000 + round(index * step), nx=True)
+
+        self._run("expire", expire)
 
     def run_info(self, run_id: str) -> RunInfo | None:
         return run_info(run_id, self._call("run info", self.client.hgetall, self.keys.meta(run_id)))
