@@ -180,6 +180,17 @@ def ray_against_local(settings: Settings, local_run: str, users: int) -> dict:
     }
 
 
+def stored_lists(client: redis.Redis, settings: Settings, run_id: str) -> dict[bytes, bytes]:
+    from encore.online.redis_keys import PLACEHOLDER, Keys
+
+    keys = Keys(settings.redis_prefix)
+    payloads: dict[bytes, bytes] = {}
+    for bucket in range(int(client.hget(keys.meta(run_id), "buckets"))):
+        payloads.update(client.hgetall(keys.bucket(run_id, bucket)))
+    payloads.pop(PLACEHOLDER, None)
+    return payloads
+
+
 def write_floor(client: redis.Redis, payloads: dict[bytes, bytes], batch: int) -> float:
     keys = list(payloads)
     clock = time.perf_counter()
@@ -269,8 +280,7 @@ def main() -> None:
             clock = time.perf_counter()
             record = run_full(settings, kind="manual")
             seconds = time.perf_counter() - clock
-        recs_key = f"encore:run:{{{record.run_id}}}:recs"
-        payloads = client.hgetall(recs_key)
+        payloads = stored_lists(client, settings, record.run_id)
         floor = write_floor(client, payloads, settings.batch_size)
         per_user_naive = naive(home, version, client, args.naive_sample, args.top_n)
         ray = ray_against_local(settings, record.run_id, args.users) if args.engine == "ray" else {}

@@ -220,7 +220,7 @@ def main() -> None:
             with open_online_store(settings) as store:
                 for run in store.runs():
                     store.discard(run.run_id)
-                store.client.delete(f"{settings.redis_prefix}:current")
+                store.client.delete(store.keys.current)
     finally:
         _drop(args.postgres_url, database_url)
 

@@ -23,6 +23,15 @@ class Settings(BaseSettings):
     redis_prefix: str = Field(
         "encore", min_length=1, description="Key prefix, so environments can share a Redis."
     )
+    redis_cluster: bool = Field(
+        False, description="ENCORE_REDIS_URL names a node of a Redis Cluster (any one)."
+    )
+    redis_buckets: int = Field(
+        1024,
+        ge=1,
+        le=65536,
+        description="Hashes a run's lists are spread over; each holds users/buckets of them.",
+    )
     database_url: str | None = Field(
         None, description="Feedback and run records; unset = SQLite under home."
     )

@@ -23,18 +23,26 @@ from inference import load_model
 from scheduler.job import rollback, run_backfill, run_full
 from scheduler.run_metrics import RunMetrics
 from tests.random_bundle import build_random_bundle
+from tests.redis_cluster import redis_cluster as redis_cluster  # fixtures, imported by name
+from tests.redis_cluster import redis_cluster_url as redis_cluster_url
 from tests.support import publish_random_run
 
 USERS = 300
 COLD_EVERY = 10
 
 
-@pytest.fixture(params=["sqlite", "redis+postgres"])
+@pytest.fixture(params=["sqlite", "redis+postgres", "redis-cluster+postgres"])
 def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     extra = {}
     if request.param == "redis+postgres":
         extra = {
             "redis_url": request.getfixturevalue("redis_url"),
+            "database_url": request.getfixturevalue("database_url"),
+        }
+    elif request.param == "redis-cluster+postgres":
+        extra = {
+            "redis_url": request.getfixturevalue("redis_cluster_url"),
+            "redis_cluster": True,
             "database_url": request.getfixturevalue("database_url"),
         }
     settings = Settings(home=tmp_path / "home", workers=1, batch_size=64, **extra)

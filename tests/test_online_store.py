@@ -9,17 +9,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.crc import key_slot
 
 from encore.errors import RunFailed
 from encore.online import OnlineStore, truncate
 from encore.online.redis_store import AsyncRedisReader, RedisOnlineStore
 from encore.online.sqlite_store import AsyncSQLiteReader, SQLiteOnlineStore
+from tests.redis_cluster import redis_cluster as redis_cluster  # fixtures, imported by name
+from tests.redis_cluster import redis_cluster_url as redis_cluster_url
 
 
-@pytest.fixture(params=["redis", "sqlite"])
+@pytest.fixture(params=["redis", "redis-cluster", "sqlite"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, object]]:
     if request.param == "redis":
         yield "redis", request.getfixturevalue("redis_url")
+    elif request.param == "redis-cluster":
+        yield "redis-cluster", request.getfixturevalue("redis_cluster_url")
     else:
         yield "sqlite", tmp_path / "online.sqlite3"
 
@@ -30,16 +35,16 @@ def _prefix() -> str:
 
 def _store(backend: tuple[str, object]) -> OnlineStore:
     kind, where = backend
-    if kind == "redis":
-        return RedisOnlineStore(where, prefix=_prefix())
+    if kind.startswith("redis"):
+        return RedisOnlineStore(where, prefix=_prefix(), cluster=kind == "redis-cluster")
     return SQLiteOnlineStore(where)
 
 
 def _reader(backend: tuple[str, object]):
     kind, where = backend
-    return (
-        AsyncRedisReader(where, prefix=_prefix()) if kind == "redis" else AsyncSQLiteReader(where)
-    )
+    if kind.startswith("redis"):
+        return AsyncRedisReader(where, prefix=_prefix(), cluster=kind == "redis-cluster")
+    return AsyncSQLiteReader(where)
 
 
 def _write_run(store: OnlineStore, run_id: str, users: dict[int, bytes], **kwargs) -> None:
@@ -154,32 +159,78 @@ def test_async_reader_sees_what_the_writer_published(backend) -> None:
     assert names == ["Nine", None]
 
 
-def test_redis_run_keys_share_a_hash_tag_and_expire_while_pending(redis_url: str) -> None:
+def _run_keys(client, prefix: str, run_id: str) -> list[str]:
+    keys = client.keys(f"{prefix}:run:{run_id}:*") + client.keys(f"{{{prefix}}}:run:{run_id}:*")
+    return sorted(key.decode() for key in keys)
+
+
+def test_redis_run_keys_are_spread_over_buckets_and_expire_while_pending(
+    redis_url: str,
+) -> None:
     import redis
 
     prefix = _prefix()
-    with RedisOnlineStore(redis_url, prefix=prefix) as store:
-        _write_run(store, "r1", {1: b"[1]"})
+    with RedisOnlineStore(redis_url, prefix=prefix, buckets=4) as store:
+        users = [7 * 4096 * n for n in range(1, 41)]  # one block each (ids go by blocks)
+        _write_run(store, "r1", {user: b"[1]" for user in users})
         client = redis.Redis.from_url(redis_url)
-        keys = sorted(k.decode() for k in client.keys(f"{prefix}:run:*"))
-        assert keys == [f"{prefix}:run:{{r1}}:{part}" for part in ("meta", "names", "recs")]
+        keys = _run_keys(client, prefix, "r1")
+        assert keys == sorted(
+            [f"{{{prefix}}}:run:r1:meta", f"{prefix}:run:r1:names"]
+            + [f"{prefix}:run:r1:recs:{b}" for b in range(4)]
+        )
+        # The metadata shares the pointer's slot; the buckets spread over slots.
+        slots = {key: key_slot(key.encode()) for key in keys}
+        assert slots[f"{{{prefix}}}:run:r1:meta"] == key_slot(f"{{{prefix}}}:current".encode())
+        assert len({slots[f"{prefix}:run:r1:recs:{b}"] for b in range(4)}) == 4
+        sizes = [client.hlen(f"{prefix}:run:r1:recs:{b}") - 1 for b in range(4)]
+        assert sum(sizes) == 40 and min(sizes) >= 5, sizes  # balanced enough
+        assert store.count("r1") == 40
         assert all(0 < client.ttl(k) <= 6 * 3600 for k in keys)  # an abandoned run vanishes
-        store.publish("r1", users_total=1, cold_users=0, grace_seconds=60)
+        store.publish("r1", users_total=40, cold_users=0, grace_seconds=60)
         assert all(client.ttl(k) == -1 for k in keys)  # published: kept
+        assert client.get(f"{{{prefix}}}:current") == b"r1"
 
 
-def test_every_write_pushes_back_the_expiry_of_all_a_pending_runs_keys(redis_url: str) -> None:
+def test_a_pending_run_s_expiry_is_pushed_back_while_it_is_written(redis_url: str) -> None:
     import redis
 
     prefix = _prefix()
     client = redis.Redis.from_url(redis_url)
-    with RedisOnlineStore(redis_url, prefix=prefix, pending_ttl_seconds=600) as store:
+    with RedisOnlineStore(redis_url, prefix=prefix, pending_ttl_seconds=600, buckets=8) as store:
         _write_run(store, "r1", {1: b"[1]"})
-        keys = [k.decode() for k in client.keys(f"{prefix}:run:*")]
+        keys = _run_keys(client, prefix, "r1")
+        assert len(keys) == 10
         for key in keys:
             client.expire(key, 5)  # as if the run had been writing for a long time
         store.write_batch("r1", [2], [b"[2]"])
+        # Pushed back every tenth of the TTL, not at every batch.
+        assert all(0 < client.ttl(k) <= 5 for k in keys)
+        store._pending["r1"] = 0.0  # a tenth of the TTL later
+        store.write_batch("r1", [3], [b"[3]"])
         assert all(500 < client.ttl(k) <= 600 for k in keys), {k: client.ttl(k) for k in keys}
+
+
+def test_a_run_whose_removal_was_cut_short_is_found_and_removed_by_the_sweep(
+    redis_url: str,
+) -> None:
+    import redis
+
+    prefix = _prefix()
+    client = redis.Redis.from_url(redis_url)
+    with RedisOnlineStore(redis_url, prefix=prefix, buckets=8) as store:
+        _write_run(store, "r1", {1: b"[1]", 2: b"[2]"})
+        store.publish("r1", users_total=2, cold_users=0, grace_seconds=60)
+        _write_run(store, "r2", {1: b"[1]"})
+        client.persist(f"{prefix}:run:r2:recs:0")  # as if made permanent by a flip cut short
+        client.unlink(f"{{{prefix}}}:run:r2:meta")
+        assert {run.run_id: run.published_at for run in store.runs()} == {
+            "r1": store.current().published_at,
+            "r2": None,
+        }
+        assert store.discard("r2") is True
+        assert _run_keys(client, prefix, "r2") == []
+        assert {run.run_id for run in store.runs()} == {"r1"}
 
 
 def test_publish_again_is_a_no_op_that_still_expires_the_predecessor(backend) -> None:
@@ -202,8 +253,8 @@ def test_publish_again_is_a_no_op_that_still_expires_the_predecessor(backend) ->
 
 
 def _keep_for_good(backend, store: OnlineStore, run_id: str) -> None:
-    if backend[0] == "redis":
-        for key in store.keys.all(run_id):
+    if backend[0].startswith("redis"):
+        for key in [store.keys.meta(run_id), *store._data_keys(run_id)]:
             store.client.persist(key)
     else:
         store.conn.execute("UPDATE runs SET expires_at = NULL WHERE run_id = ?", (run_id,))
@@ -249,3 +300,21 @@ def test_runs_lists_every_keyspace_and_expire_sets_only_a_missing_expiry(backend
         assert 0 < {run.run_id: run for run in store.runs()}["r1"].expires_in <= 30
         store.discard("pending")
         assert {run.run_id for run in store.runs()} == {"r1"}
+
+
+def test_buckets_stay_bounded_for_dense_and_sparse_ids() -> None:
+    import random
+    from collections import Counter
+
+    from encore.online.redis_keys import BLOCK_BITS, bucket_of
+
+    block = 1 << BLOCK_BITS
+    # 10 M consecutive ids: 2442 blocks over 1024 buckets, at most 3 blocks (12288 lists).
+    dense = Counter(bucket_of(b * block, 1024) for b in range(10_000_000 // block + 1))
+    assert max(dense.values()) <= 3
+    assert all(bucket_of(b * block + offset, 1024) == bucket_of(b * block, 1024)
+               for b in (0, 7, 2441) for offset in (1, block - 1))  # fmt: skip
+    # Random 63-bit ids: as even as random placement (mean 195, sd 14).
+    rng = random.Random(0)
+    sparse = Counter(bucket_of(rng.getrandbits(63), 1024) for _ in range(200_000))
+    assert max(sparse.values()) < 1.4 * 200_000 / 1024

@@ -24,6 +24,8 @@ def open_online_store(settings: Settings) -> OnlineStore:
             settings.redis_url,
             prefix=settings.redis_prefix,
             pending_ttl_seconds=settings.pending_ttl_seconds,
+            cluster=settings.redis_cluster,
+            buckets=settings.redis_buckets,
         )
     from encore.online.sqlite_store import SQLiteOnlineStore
 
@@ -34,9 +36,11 @@ def open_online_store(settings: Settings) -> OnlineStore:
 
 def open_online_reader(settings: Settings) -> AsyncOnlineReader:
     if settings.redis_url:
-        from encore.online.redis_store import AsyncRedisReader
+        from encore.online.redis_reader import AsyncRedisReader
 
-        return AsyncRedisReader(settings.redis_url, prefix=settings.redis_prefix)
+        return AsyncRedisReader(
+            settings.redis_url, prefix=settings.redis_prefix, cluster=settings.redis_cluster
+        )
     from encore.online.sqlite_store import AsyncSQLiteReader
 
     return AsyncSQLiteReader(settings.sqlite_online_path)

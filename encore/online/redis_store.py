@@ -1,19 +1,11 @@
-"""Redis backend of the online store (production).
+"""Redis backend of the online store (production): one Redis, or a Redis Cluster.
 
-Keys::
-
-    encore:current               the published run id
-    encore:run:{id}:meta         hash: model_version, top_n, users, fallback, created_at,
-                                 published_at (the first publication), previous (the run
-                                 this one replaced, recorded by the flip), challenger (JSON:
-                                 the experiment's challenger and share, or empty)
-    encore:run:{id}:recs         hash: user id -> JSON bytes of the list
-    encore:run:{id}:names        hash: playlist id -> name (the page shows them)
-
-One hash per run makes a batch one HSET, a request one HMGET, and the grace period one
-EXPIRE per run rather than one per user. The flip WATCHes ``current`` and the run's keys in
-one transaction: on a Redis Cluster those live in different slots, which a cluster refuses,
-so this backend needs a single Redis (or a primary with replicas) for now.
+The key layout is in :mod:`encore.online.redis_keys`. One code path serves both: a batch is
+one pipeline of an HSET per bucket it touches, a read one HMGET per bucket (redis-py's cluster
+pipeline groups them by node). The flip counts the lists bucket by bucket, makes the buckets
+permanent, then WATCHes ``current`` and the run's metadata (one slot: the ``{prefix}`` hash
+tag) and, in one MULTI, moves the pointer. Removal is UNLINK: the server frees the memory in
+a background thread.
 """
 
 from __future__ import annotations
@@ -24,77 +16,45 @@ from collections.abc import Sequence
 
 import orjson
 import redis
-import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
-from encore.errors import ONLINE_STORE, RunFailed, StoreUnavailable
+from encore.errors import RunFailed
 from encore.experiments import Challenger
-from encore.online.base import AsyncOnlineReader, OnlineStore, RunInfo, StoredRun
-from encore.redact import redact
+from encore.online.base import OnlineStore, RunInfo, StoredRun
+from encore.online.redis_keys import (
+    PLACEHOLDER,
+    RETRY_ERRORS,
+    UNAVAILABLE,
+    Keys,
+    group_by_bucket,
+    run_info,
+    spread,
+    unavailable,
+)
+from encore.online.redis_reader import AsyncRedisReader
+
+__all__ = ["AsyncRedisReader", "RedisOnlineStore"]
 
 logger = logging.getLogger("encore.online.redis")
 
-# Retried by redis-py itself (a new connection each time): a restart or a dropped socket.
-RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
-# A Redis that answers with an error is as unavailable as one that does not answer: READONLY
-# (a replica, or a failover in progress), OOM (maxmemory reached), MISCONF, LOADING...
-# Not retried: they last longer than a request.
-UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
 
-
-def _unavailable(url: str, what: str, exc: redis.RedisError) -> StoreUnavailable:
-    if isinstance(exc, redis.ResponseError):
-        # The class names it: redis-py strips READONLY or OOM from the message it keeps.
-        problem = f"answered an error ({what}): {type(exc).__name__}: {exc}"
-    else:
-        problem = f"is unreachable ({what}): {exc}"
-    return StoreUnavailable(f"Redis at {redact(url)} {problem}", component=ONLINE_STORE)
-
-
-class _Keys:
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.current = f"{prefix}:current"
-
-    def meta(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{{{run_id}}}:meta"
-
-    def recs(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{{{run_id}}}:recs"
-
-    def names(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{{{run_id}}}:names"
-
-    def all(self, run_id: str) -> tuple[str, str, str]:
-        return self.meta(run_id), self.recs(run_id), self.names(run_id)
-
-    def run_of_meta(self, key: bytes) -> str:
-        return key.decode()[len(f"{self.prefix}:run:{{") : -len("}:meta")]
-
-
-def _info(run_id: str, meta: dict[bytes, bytes]) -> RunInfo | None:
-    if not meta:
-        return None
-    published = meta.get(b"published_at")
-    return RunInfo(
-        run_id=run_id,
-        model_version=meta[b"model_version"].decode(),
-        top_n=int(meta[b"top_n"]),
-        users=int(meta.get(b"users", b"0")),
-        fallback=meta[b"fallback"],
-        created_at=float(meta[b"created_at"]),
-        published_at=float(published) if published else None,
-        challenger=Challenger.from_json(orjson.loads(meta[b"challenger"]))
-        if meta.get(b"challenger")
-        else None,
-    )
+def connect(url: str, *, cluster: bool, socket_timeout: float):
+    options = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": 5.0,
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), 3),
+        "health_check_interval": 30,
+    }
+    if cluster:
+        try:
+            # Connects to the node in the URL and learns the others (and the slots) from it.
+            return RedisCluster.from_url(url, **options)
+        except (RedisClusterException, *UNAVAILABLE) as exc:
+            raise unavailable(url, "cluster discovery", exc) from exc
+    return redis.Redis.from_url(url, retry_on_error=RETRY_ERRORS, **options)
 
 
 class RedisOnlineStore(OnlineStore):
@@ -105,25 +65,53 @@ class RedisOnlineStore(OnlineStore):
         prefix: str = "encore",
         socket_timeout: float = 10.0,
         pending_ttl_seconds: int = 6 * 3600,
+        cluster: bool = False,
+        buckets: int = 1024,
+        expiry_spread_seconds: float = 600.0,
     ) -> None:
         self.url = url
-        self.keys = _Keys(prefix)
+        self.keys = Keys(prefix)
         self.pending_ttl_seconds = pending_ttl_seconds
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=5.0,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 3),
-            retry_on_error=RETRY_ERRORS,
-            health_check_interval=30,
-        )
-        self._pending: set[str] = set()  # runs this process is writing, not yet published
+        self.buckets = buckets  # for the runs this process begins; a run's own is in its meta
+        self.expiry_spread_seconds = expiry_spread_seconds
+        self.client = connect(url, cluster=cluster, socket_timeout=socket_timeout)
+        # Runs this process is writing, not yet published -> when their expiry is next pushed
+        # back (monotonic seconds).
+        self._pending: dict[str, float] = {}
+        self._buckets: dict[str, int] = {}  # run id -> its bucket count, once read
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UNAVAILABLE as exc:
-            raise _unavailable(self.url, what, exc) from exc
+            raise unavailable(self.url, what, exc) from exc
+
+    def _run(self, what: str, commands) -> list:
+        """One non-transactional pipeline: ``commands(pipe)`` queues, then it is sent."""
+        pipe = self.client.pipeline(transaction=False)
+        commands(pipe)
+        return self._call(what, pipe.execute)
+
+    def _buckets_of(self, run_id: str) -> int | None:
+        if run_id not in self._buckets:
+            found = self._call("run info", self.client.hget, self.keys.meta(run_id), "buckets")
+            if found is None:
+                return None
+            self._buckets[run_id] = int(found)
+        return self._buckets[run_id]
+
+    def _data_keys(self, run_id: str) -> list[str]:
+        """A run's keys but its metadata: from the bucket count in the metadata, or, once
+        that is gone (a removal cut short), whatever keys are left under the run's name."""
+        buckets = self._buckets_of(run_id)
+        if buckets is not None:
+            return self.keys.data(run_id, buckets)
+        pattern = self.keys.run_pattern(run_id)
+        return self._call("scan", lambda: list(self.client.scan_iter(pattern, count=1000)))
+
+    def _unlink(self, what: str, keys: Sequence) -> None:
+        # One key per command: a cluster refuses a multi-key UNLINK across slots.
+        self._run(what, lambda pipe: [pipe.unlink(key) for key in keys])
 
     def begin_run(
         self,
@@ -135,89 +123,147 @@ class RedisOnlineStore(OnlineStore):
         names: dict[int, str] | None = None,
         challenger: Challenger | None = None,
     ) -> None:
-        meta, recs, names_key = self.keys.all(run_id)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(meta, recs, names_key)
-        pipe.hset(
-            meta,
-            mapping={
-                "model_version": model_version,
-                "top_n": top_n,
-                "fallback": fallback,
-                "created_at": repr(time.time()),
-                "users": 0,
-                "challenger": orjson.dumps(challenger.as_json()) if challenger else b"",
-            },
-        )
-        if names:
-            pipe.hset(names_key, mapping={str(k): v for k, v in names.items()})
-        # An abandoned run's keys vanish by themselves; publish() removes the expiry.
-        for key in (meta, names_key):
-            pipe.expire(key, self.pending_ttl_seconds)
-        self._call("begin run", pipe.execute)
-        self._pending.add(run_id)
+        meta = self.keys.meta(run_id)
+        self._buckets.pop(run_id, None)
+        old = self._buckets_of(run_id)
+        if old is not None:  # a run id begun again
+            self._unlink("begin run", [meta, *self.keys.data(run_id, old)])
+        self._buckets[run_id] = self.buckets
+        ttl = self.pending_ttl_seconds
+
+        def create(pipe) -> None:
+            # Every bucket exists from now on, expiring: a write (from any process) into an
+            # existing hash keeps its expiry, so an abandoned run never leaves a key behind.
+            for key in self.keys.buckets(run_id, self.buckets):
+                pipe.hset(key, PLACEHOLDER, b"")
+                pipe.expire(key, ttl)
+            if names:
+                pipe.hset(self.keys.names(run_id), mapping={str(k): v for k, v in names.items()})
+                pipe.expire(self.keys.names(run_id), ttl)
+            # The metadata last: a run is found by its metadata or its bucket 0.
+            pipe.hset(
+                meta,
+                mapping={
+                    "model_version": model_version,
+                    "top_n": top_n,
+                    "fallback": fallback,
+                    "created_at": repr(time.time()),
+                    "users": 0,
+                    "buckets": self.buckets,
+                    "challenger": orjson.dumps(challenger.as_json()) if challenger else b"",
+                },
+            )
+            pipe.expire(meta, ttl)
+
+        self._run("begin run", create)
+        self._pending[run_id] = time.monotonic() + ttl / 10
 
     def write_batch(self, run_id: str, user_ids: Sequence[int], payloads: Sequence[bytes]) -> None:
         if not len(user_ids):
             return
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(
-            self.keys.recs(run_id), mapping=dict(zip(map(int, user_ids), payloads, strict=True))
-        )
-        if run_id in self._pending:
-            # Every write pushes the expiry of all the run's keys back: a run that is being
-            # written never expires, however long it takes; an abandoned one does.
-            for key in self.keys.all(run_id):
-                pipe.expire(key, self.pending_ttl_seconds)
-        self._call("write batch", pipe.execute)
+        buckets = self._buckets_of(run_id)
+        if buckets is None:
+            raise RunFailed(f"run {run_id!r} has no keyspace in Redis (expired?)")
+        ids = [int(user_id) for user_id in user_ids]
+        groups = group_by_bucket(ids, buckets)
+        refresh_at = self._pending.get(run_id)
+        refresh = refresh_at is not None and time.monotonic() >= refresh_at
+
+        def write(pipe) -> None:
+            for bucket, positions in groups.items():
+                pipe.hset(
+                    self.keys.bucket(run_id, bucket),
+                    mapping={ids[p]: payloads[p] for p in positions},
+                )
+            if refresh:
+                # A run that is being written never expires, however long it takes; an
+                # abandoned one does. Pushed back every tenth of the TTL, not at every batch:
+                # the buckets keep the expiry they were created with.
+                for key in (self.keys.meta(run_id), *self.keys.data(run_id, buckets)):
+                    pipe.expire(key, self.pending_ttl_seconds)
+
+        self._run("write batch", write)
+        if refresh:
+            self._pending[run_id] = time.monotonic() + self.pending_ttl_seconds / 10
 
     def delete_users(self, run_id: str, user_ids: Sequence[int]) -> None:
-        if len(user_ids):
-            self._call("delete", self.client.hdel, self.keys.recs(run_id), *map(int, user_ids))
+        buckets = self._buckets_of(run_id) if len(user_ids) else None
+        if buckets is None:
+            return
+        ids = [int(user_id) for user_id in user_ids]
+        groups = group_by_bucket(ids, buckets)
+        self._run(
+            "delete",
+            lambda pipe: [
+                pipe.hdel(self.keys.bucket(run_id, b), *(ids[p] for p in ps))
+                for b, ps in groups.items()
+            ],
+        )
 
     def count(self, run_id: str) -> int:
-        return int(self._call("count", self.client.hlen, self.keys.recs(run_id)))
+        buckets = self._buckets_of(run_id)
+        if buckets is None:
+            return 0
+        keys = self.keys.buckets(run_id, buckets)
+        lengths = self._run("count", lambda pipe: [pipe.hlen(key) for key in keys])
+        return sum(max(length - 1, 0) for length in lengths)  # but the placeholders
 
     def publish(
         self, run_id: str, *, users_total: int, cold_users: int, grace_seconds: int
     ) -> None:
-        meta, recs, names = self.keys.all(run_id)
+        current = self._call("current", self.client.get, self.keys.current)
+        if current is None or current.decode() != run_id:
+            self._verify_and_flip(run_id, users_total=users_total, cold_users=cold_users)
+        # else: a retry after the reply to the flip was lost: it is done
+        self._pending.pop(run_id, None)
+        self._expire_previous(run_id, grace_seconds)
 
-        def flip(pipe: redis.client.Pipeline) -> None:
+    def _verify_and_flip(self, run_id: str, *, users_total: int, cold_users: int) -> None:
+        meta = self.keys.meta(run_id)
+        self._buckets.pop(run_id, None)  # read again: the metadata may be gone
+        if self._buckets_of(run_id) is None:
+            raise RunFailed(f"run {run_id!r} has no keyspace in Redis (expired?)")
+        # Counted before the flip, bucket by bucket (they live in other slots): only this
+        # run's own process writes into a run that is not published yet.
+        written = self.count(run_id)
+        if written + cold_users != users_total:
+            raise RunFailed(
+                f"run {run_id!r} holds {written} lists and {cold_users} cold users, "
+                f"but {users_total} users were scored"
+            )
+        # Permanent before the flip, so the served run never has a key that expires. If the
+        # process dies before the flip, its metadata still expires, and the sweep finds the
+        # rest by its bucket 0 (see runs()).
+        data = self.keys.data(run_id, self._buckets[run_id])
+        self._run("publish", lambda pipe: [pipe.persist(key) for key in data])
+
+        def flip(pipe) -> None:
             previous = pipe.get(self.keys.current)
             if previous is not None and previous.decode() == run_id:
-                return  # a retry after the reply to the flip was lost: it is done
+                return  # flipped by another attempt in the meantime
+            # The metadata is the run's token: discard() removes it in a transaction that
+            # checks `current`, and this one checks it is still there; so a run is never
+            # published while it is being removed, nor removed once published.
             if not pipe.exists(meta):
                 raise RunFailed(f"run {run_id!r} has no keyspace in Redis (expired?)")
-            written = pipe.hlen(recs)
-            if written + cold_users != users_total:
-                raise RunFailed(
-                    f"run {run_id!r} holds {written} lists and {cold_users} cold users, "
-                    f"but {users_total} users were scored"
-                )
             pipe.multi()
             pipe.persist(meta)
-            pipe.persist(recs)
-            pipe.persist(names)
             pipe.hsetnx(meta, "published_at", repr(time.time()))
             pipe.hset(meta, mapping={"users": written, "previous": previous or b""})
             pipe.set(self.keys.current, run_id)
 
-        # Watching the run's keys too: the count is the one the flip commits with.
-        self._call("publish", self.client.transaction, flip, self.keys.current, meta, recs)
-        self._pending.discard(run_id)
-        self._expire_previous(run_id, grace_seconds)
+        try:
+            self._call("publish", self.client.transaction, flip, self.keys.current, meta)
+        except RunFailed:
+            self._unlink("discard", data)  # made permanent above: nothing would expire them
+            raise
 
     def _expire_previous(self, run_id: str, grace_seconds: int) -> None:
         # Reads the predecessor the flip recorded, not `current`: a retried flip that finds
         # `current` already moved still expires the right run. NX keeps a running grace.
         previous = self._call("previous", self.client.hget, self.keys.meta(run_id), "previous")
-        if not previous or previous.decode() == run_id:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for key in self.keys.all(previous.decode()):
-            pipe.expire(key, grace_seconds, nx=True)
-        self._call("expire previous", pipe.execute)
+        if previous and previous.decode() != run_id:
+            self.expire(previous.decode(), grace_seconds)
 
     def rollback(self, run_id: str, *, grace_seconds: int) -> RunInfo:
         info = self.run_info(run_id)
@@ -230,48 +276,68 @@ class RedisOnlineStore(OnlineStore):
         return info
 
     def discard(self, run_id: str) -> bool:
-        def unlink(pipe: redis.client.Pipeline) -> bool:
+        meta = self.keys.meta(run_id)
+        data = self._data_keys(run_id)
+
+        def unlink(pipe) -> bool:
             current = pipe.get(self.keys.current)
             if current is not None and current.decode() == run_id:
                 return False
             pipe.multi()
-            pipe.unlink(*self.keys.all(run_id))
+            pipe.unlink(meta)
             return True
 
         removed = self._call(
-            "discard", self.client.transaction, unlink, self.keys.current, value_from_callable=True
-        )
-        self._pending.discard(run_id)
+            "discard", self.client.transaction, unlink, self.keys.current, meta,
+            value_from_callable=True,
+        )  # fmt: skip
+        if removed:
+            # The metadata is gone: the run can no longer be published; the rest follows.
+            self._unlink("discard", data)
+            self._buckets.pop(run_id, None)
+        self._pending.pop(run_id, None)
         return removed
 
     def runs(self) -> list[StoredRun]:
-        pattern = self.keys.meta("*")
-        found = []
-        for key in self._call("scan", lambda: list(self.client.scan_iter(pattern, count=1000))):
-            run_id = self.keys.run_of_meta(key)
-            pipe = self.client.pipeline(transaction=False)
-            pipe.hget(key, "published_at")
-            pipe.pttl(key)
-            published, ttl = self._call("run", pipe.execute)
-            if ttl == -2:
-                continue  # expired between the scan and now
-            found.append(
-                StoredRun(
+        found: dict[str, StoredRun] = {}
+        for pattern in (self.keys.meta_pattern, self.keys.first_bucket_pattern):
+            keys = self._call("scan", lambda p=pattern: list(self.client.scan_iter(p, count=1000)))
+            for key in keys:
+                run_id = self.keys.run_of(key)
+                if run_id is None or run_id in found:
+                    continue
+                pipe = self.client.pipeline(transaction=False)
+                pipe.hget(self.keys.meta(run_id), "published_at")
+                pipe.pttl(key)
+                published, ttl = self._call("run", pipe.execute)
+                if ttl == -2:
+                    continue  # expired between the scan and now
+                # Without metadata (a removal or a flip cut short) a run is not published:
+                # the sweep removes what is left of it.
+                found[run_id] = StoredRun(
                     run_id,
                     float(published) if published else None,
                     ttl / 1000 if ttl >= 0 else None,
                 )
-            )
-        return found
+        return list(found.values())
 
     def expire(self, run_id: str, seconds: int) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for key in self.keys.all(run_id):
-            pipe.expire(key, seconds, nx=True)
-        self._call("expire", pipe.execute)
+        # The metadata at `seconds` (the run is gone for readers and rollback at once), the
+        # other keys spread over the next `expiry_spread_seconds`: a server without
+        # lazyfree-lazy-expire frees an expired key in the foreground, and a thousand buckets
+        # expiring in the same instant would hold it for their sum in one expiry cycle.
+        data = self._data_keys(run_id)
+        step = self.expiry_spread_seconds * 1000 / max(len(data), 1)
+
+        def expire(pipe) -> None:
+            pipe.expire(self.keys.meta(run_id), seconds, nx=True)
+            for index, key in enumerate(data):
+                pipe.pexpire(key, seconds * 1000 + round(index * step), nx=True)
+
+        self._run("expire", expire)
 
     def run_info(self, run_id: str) -> RunInfo | None:
-        return _info(run_id, self._call("run info", self.client.hgetall, self.keys.meta(run_id)))
+        return run_info(run_id, self._call("run info", self.client.hgetall, self.keys.meta(run_id)))
 
     def current(self) -> RunInfo | None:
         run_id = self._call("current", self.client.get, self.keys.current)
@@ -280,68 +346,22 @@ class RedisOnlineStore(OnlineStore):
     def read(self, run_id: str, user_ids: Sequence[int]) -> list[bytes | None]:
         if not len(user_ids):
             return []
-        return self._call("read", self.client.hmget, self.keys.recs(run_id), list(user_ids))
+        buckets = self._buckets_of(run_id)
+        if buckets is None:
+            return [None] * len(user_ids)
+        ids = [int(user_id) for user_id in user_ids]
+        groups = group_by_bucket(ids, buckets)
+        answers = self._run(
+            "read",
+            lambda pipe: [
+                pipe.hmget(self.keys.bucket(run_id, b), [ids[p] for p in ps])
+                for b, ps in groups.items()
+            ],
+        )
+        return spread(len(ids), groups, answers)
 
     def ping(self) -> None:
         self._call("ping", self.client.ping)
 
     def close(self) -> None:
         self.client.close()
-
-
-class AsyncRedisReader(AsyncOnlineReader):
-    def __init__(
-        self, url: str, *, prefix: str = "encore", socket_timeout_seconds: float = 1.0
-    ) -> None:
-        self.url = url
-        self.keys = _Keys(prefix)
-        # Retried here, not by redis-py: its retry covers the command but not taking a
-        # connection from the pool, so a connection a Redis restart closed failed a request
-        # once Redis was back. A lost connection is tried 3 times; a timeout is not retried
-        # (a Redis that hangs costs a request one timeout), and the answer is a 503.
-        self.client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout_seconds,
-            socket_connect_timeout=socket_timeout_seconds,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=256,
-        )
-
-    async def _call(self, what: str, command, *args):
-        try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(3),
-                wait=wait_exponential_jitter(multiplier=0.02, max=0.5, jitter=0.02),
-                retry=retry_if_exception_type(redis.ConnectionError),
-                reraise=True,
-            ):
-                with attempt:
-                    return await command(*args)
-        except UNAVAILABLE as exc:
-            raise _unavailable(self.url, what, exc) from exc
-
-    async def current(self) -> RunInfo | None:
-        run_id = await self._call("current", self.client.get, self.keys.current)
-        if not run_id:
-            return None
-        meta = await self._call("run info", self.client.hgetall, self.keys.meta(run_id.decode()))
-        return _info(run_id.decode(), meta)
-
-    async def read(self, run_id: str, user_ids: Sequence[int]) -> list[bytes | None]:
-        if not user_ids:
-            return []
-        return await self._call("read", self.client.hmget, self.keys.recs(run_id), list(user_ids))
-
-    async def names(self, run_id: str, playlist_ids: Sequence[int]) -> list[str | None]:
-        if not playlist_ids:
-            return []
-        raw = await self._call(
-            "names", self.client.hmget, self.keys.names(run_id), list(playlist_ids)
-        )
-        return [value.decode() if value is not None else None for value in raw]
-
-    async def ping(self) -> None:
-        await self._call("ping", self.client.ping)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
