@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from encore.bundle import Bundle
-from encore.errors import EncoreError, RunStopped
+from encore.errors import RunStopped
 from encore.experiments import Challenger
+from encore.ray_cluster import import_ray, join_ray
 from encore.settings import Settings
 from inference import BatchCounts, ScoredBatch, Users
 from scheduler.engines import BatchSink
@@ -99,34 +99,9 @@ def score_in_ray(
             ray.shutdown()
 
 
-def import_ray():
-    """The ``ray`` module, or an error saying how to install it."""
-    # Under `uv run`, Ray would otherwise rebuild the project's environment for every worker
-    # from an upload of the working directory; the workers use this same environment.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    try:
-        import ray
-        import ray.data
-    except ImportError as exc:
-        raise EncoreError(
-            "the ray engine needs Ray: install it with `uv sync --extra ray` "
-            "(or choose ENCORE_ENGINE=local)"
-        ) from exc
-    return ray
-
-
 def start_ray(settings: Settings) -> bool:
     """Connect to Ray unless this process already is; True when this call connected."""
-    ray = import_ray()
-    if ray.is_initialized():
-        return False
-    if settings.ray_address:
-        ray.init(address=settings.ray_address)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the run reports its own progress
-    return True
+    return join_ray(settings.ray_address)
 
 
 def actor_count(settings: Settings) -> int:

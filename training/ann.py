@@ -31,7 +31,9 @@ ANN_QUERY_BATCH = 32768
 ANN_CELLS = 1 << 18
 
 
-def ann_neighbours(user_factors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def ann_neighbours(
+    user_factors: np.ndarray, k: int, *, ray: bool = False, ray_address: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k neighbours by cosine over low-rank factors: an inverted file searched by GEMM.
 
     faiss's spherical k-means splits users into lists and finds each user's ``ANN_PROBES``
@@ -73,19 +75,50 @@ def ann_neighbours(user_factors: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     search = _ProbeSearch(torch.from_numpy(ordered), probes[order], starts, k)
     del probes
     clock = time.perf_counter()
-    workers = worker_threads()
-    with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-        for first, (found, scores) in zip(
-            range(0, n, ANN_QUERY_BATCH),
-            pool.map(search, range(0, n, ANN_QUERY_BATCH)),
-            strict=True,
-        ):
-            users = order[first : first + len(found)]
-            valid = (found >= 0) & (scores > 0)
-            idx[users] = np.where(valid, order[np.maximum(found, 0)], -1)
-            sim[users] = np.where(valid, scores, 0.0)
+    firsts = range(0, n, ANN_QUERY_BATCH)
+    found_blocks = (
+        _search_on_ray(search, firsts, ray_address) if ray else _search_here(search, firsts)
+    )
+    for first, (found, scores) in zip(firsts, found_blocks, strict=True):
+        users = order[first : first + len(found)]
+        valid = (found >= 0) & (scores > 0)
+        idx[users] = np.where(valid, order[np.maximum(found, 0)], -1)
+        sim[users] = np.where(valid, scores, 0.0)
     logger.debug("ann: search in %.1fs", time.perf_counter() - clock)
     return idx, sim
+
+
+def _search_here(search: _ProbeSearch, firsts: range) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    with _torch_threads(1), ThreadPoolExecutor(max_workers=worker_threads()) as pool:
+        yield from pool.map(search, firsts)
+
+
+def _search_on_ray(
+    search: _ProbeSearch, firsts: range, address: str | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The same search as Ray tasks over blocks of users; the index (the ordered vectors, the
+    probes, the lists' starts) is put in the object store once and shared by every task."""
+    from encore.ray_cluster import import_ray, join_ray
+
+    ray = import_ray()
+    started = join_ray(address)
+    try:
+        index = ray.put(search)
+        task = ray.remote(num_cpus=1)(_search_block)
+        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        # A few tasks per CPU: scheduling a task costs more than searching one query batch.
+        per_task = max(1, math.ceil(len(firsts) / (4 * cpus)))
+        blocks = [list(firsts[i : i + per_task]) for i in range(0, len(firsts), per_task)]
+        for pending in [task.remote(index, block) for block in blocks]:
+            yield from ray.get(pending)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _search_block(search: _ProbeSearch, firsts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    with _torch_threads(1):
+        return [search(first) for first in firsts]
 
 
 @dataclass(frozen=True)

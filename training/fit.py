@@ -38,10 +38,14 @@ class TrainParams:
     popularity_damping: float = 0.3
     max_training_users: int = 100_000
     inner_folds: int = 2
+    pairing_engine: str = "local"  # local | ray: where the neighbour search runs
+    ray_address: str | None = None  # where Ray is (ENCORE_RAY_ADDRESS); not a hyper-parameter
     seed: int = 0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "features": list(FEATURES)}
+        values = asdict(self)
+        values.pop("ray_address")  # where it ran, not what it is
+        return {**values, "features": list(FEATURES)}
 
 
 @dataclass
@@ -68,7 +72,13 @@ def fit(
     report = progress or (lambda *args, **kwargs: None)
     seconds: dict[str, float] = {}
     torch.manual_seed(params.seed)
-    pairing = PairingParams(params.neighbours, params.candidates, params.pairing_method)
+    pairing = PairingParams(
+        params.neighbours,
+        params.candidates,
+        params.pairing_method,
+        engine=params.pairing_engine,
+        ray_address=params.ray_address,
+    )
 
     ranker = Ranker(
         shape[0],

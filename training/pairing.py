@@ -62,6 +62,8 @@ class PairingParams:
     neighbours: int = 50
     candidates: int = 75
     method: str = "auto"  # auto | exact | ann
+    engine: str = "local"  # local | ray: where the ann method's neighbour search runs
+    ray_address: str | None = None  # ENCORE_RAY_ADDRESS; None starts a local Ray
 
     def resolve(self, matrix: sp.csr_matrix) -> str:
         if self.method != "auto":
@@ -85,7 +87,12 @@ def pair_users(
     elif method == "ann":
         if user_factors is None:
             raise ValueError("the ann pairing method needs user_factors")
-        nbr_idx, nbr_sim = ann_neighbours(user_factors, params.neighbours)
+        nbr_idx, nbr_sim = ann_neighbours(
+            user_factors,
+            params.neighbours,
+            ray=params.engine == "ray",
+            ray_address=params.ray_address,
+        )
     else:
         raise ValueError(f"unknown pairing method {params.method!r}; use auto, exact or ann")
     return candidates_from_neighbours(matrix, nbr_idx, nbr_sim, params.candidates)

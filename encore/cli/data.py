@@ -58,6 +58,15 @@ def _train_params(**overrides: object):
     return TrainParams(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _engine(name: str) -> str:
+    from encore.errors import EncoreError
+    from encore.settings import ENGINES
+
+    if name not in ENGINES:
+        raise EncoreError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
+    return name
+
+
 def train(
     interactions: InteractionsOpt,
     catalog: Annotated[
@@ -70,6 +79,12 @@ def train(
     dim: Annotated[int | None, typer.Option(min=2, help="Embedding dimension [128].")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Ranker epochs [30].")] = None,
     pairing: Annotated[str | None, typer.Option(help="auto, exact or ann [auto].")] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the ann pairing's neighbour search runs: local or ray [ENCORE_ENGINE]."
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
     run_evaluation: Annotated[
         bool, typer.Option("--evaluate/--no-evaluate", help="Also run the quality protocol.")
@@ -92,6 +107,8 @@ def train(
         epochs=epochs,
         pairing_method=pairing,
         seed=seed,
+        pairing_engine=_engine(engine or settings.engine),
+        ray_address=settings.ray_address,
     )
     with stage_progress() as progress:
         bundle, evaluation = train_bundle(
