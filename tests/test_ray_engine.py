@@ -1,6 +1,7 @@
 """The Ray engine (``ENCORE_ENGINE=ray``): the same lists as the local engine, with and without
 a challenger, on the embedded SQLite and on Redis and Postgres; one actor completes; the actors
-read the bundle by its path; a backfill and a stop. Needs ``uv sync --extra ray``: without Ray
+read the bundle by its path; a backfill and a stop; the pairing's neighbour search on Ray finds
+the local neighbours. Needs ``uv sync --extra ray``: without Ray
 these skip, under CI=true they fail."""
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from encore.database import open_database
 from encore.errors import EncoreError, RunStopped
@@ -23,6 +26,9 @@ from scheduler.job import run_backfill, run_full
 from tests.conftest import IN_CI
 from tests.lifecycle import USERS, _second_bundle, settings  # noqa: F401 (a fixture)
 from tests.random_bundle import build_random_bundle
+from tests.test_pairing_scale import clustered_vectors
+from training.ann import ann_neighbours
+from training.pairing import PairingParams, pair_users
 
 USER_IDS = [7 * (code + 1) for code in range(USERS)]
 
@@ -167,3 +173,31 @@ def _current_run(config: Settings) -> str | None:
     with open_online_store(config) as store:
         current = store.current()
     return current.run_id if current else None
+
+
+# The pairing's neighbour search on Ray: blocks of users as Ray tasks against an index put in
+# the object store once, giving the local search's neighbours.
+
+
+def test_the_neighbours_found_on_ray_are_the_local_ones(ray_running):
+    vectors = clustered_vectors(n=6000)
+    local_idx, local_sim = ann_neighbours(vectors, 20)
+    ray_idx, ray_sim = ann_neighbours(vectors, 20, ray=True)  # the module's Ray
+    same = (ray_idx == local_idx).all(axis=1)
+    assert same.mean() >= 0.99, same.mean()
+    # The same code on the same index: in practice every user, and the same similarities.
+    np.testing.assert_array_equal(ray_idx, local_idx)
+    np.testing.assert_array_equal(ray_sim, local_sim)
+
+
+def test_pair_users_on_ray_gives_the_local_pairings(ray_running):
+    rng = np.random.default_rng(3)
+    vectors = clustered_vectors(n=3000)
+    rows = np.repeat(np.arange(3000), 8)
+    cols = rng.integers(0, 400, len(rows))
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(3000, 400))
+    matrix.sum_duplicates()
+    here = pair_users(matrix, PairingParams(method="ann"), user_factors=vectors)
+    there = pair_users(matrix, PairingParams(method="ann", engine="ray"), user_factors=vectors)
+    for name in ("indptr", "items", "support", "neighbours"):
+        np.testing.assert_array_equal(getattr(there, name), getattr(here, name), err_msg=name)
