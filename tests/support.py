@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from encore.bundle import Bundle
 from encore.database import RunRecord
 from encore.settings import Settings
 from scheduler.job import run_full
@@ -41,3 +44,20 @@ def publish_random_run(
 
         promote(settings.bundles_dir, version)
     return run_full(settings)
+
+
+def train_small_bundle(home: Path) -> Bundle:
+    """A real model trained on a generated data set (small, but every step of `encore train`)."""
+    from training.fit import TrainParams
+    from training.ingest import read_interactions
+    from training.synthetic import SyntheticSpec, generate
+    from training.train import train_bundle
+
+    data = generate(SyntheticSpec(users=1500, playlists=300, seed=3), home / "data")
+    bundle, _ = train_bundle(
+        read_interactions(data.interactions),
+        home / "bundles",
+        TrainParams(dim=16, epochs=3),
+        run_evaluation=False,
+    )
+    return bundle

@@ -17,25 +17,13 @@ from encore.settings import Settings
 from inference import ScoredBatch, load_model
 from inference.ranker import FEATURES, Ranker
 from scheduler.pool import score_in_pool
-from training.fit import TrainParams
-from training.ingest import read_interactions
+from tests.support import train_small_bundle
 from training.pairing import Pairings
-from training.synthetic import SyntheticSpec, generate
-from training.train import train_bundle
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    """A real model trained on a generated data set (small, but every step of `encore train`)."""
-    home = tmp_path_factory.mktemp("inference")
-    data = generate(SyntheticSpec(users=1500, playlists=300, seed=3), home / "data")
-    bundle, _ = train_bundle(
-        read_interactions(data.interactions),
-        home / "bundles",
-        TrainParams(dim=16, epochs=3),
-        run_evaluation=False,
-    )
-    return bundle
+    return train_small_bundle(tmp_path_factory.mktemp("inference"))
 
 
 def test_the_pool_scores_what_the_interface_scores(trained: Bundle, tmp_path: Path) -> None:

@@ -28,11 +28,7 @@ from inference import load_model
 from inference.importing import import_program
 from inference.ranker import load_ranker
 from scheduler.job import run_full
-from tests.support import publish_random_run
-from training.fit import TrainParams
-from training.ingest import read_interactions
-from training.synthetic import SyntheticSpec, generate
-from training.train import train_bundle
+from tests.support import publish_random_run, train_small_bundle
 
 USERS = 300
 
@@ -51,16 +47,7 @@ example_inputs, export = EXAMPLE.example_inputs, EXAMPLE.export
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    """A real model trained on a generated data set (small, but every step of `encore train`)."""
-    home = tmp_path_factory.mktemp("program")
-    data = generate(SyntheticSpec(users=1500, playlists=300, seed=3), home / "data")
-    bundle, _ = train_bundle(
-        read_interactions(data.interactions),
-        home / "bundles",
-        TrainParams(dim=16, epochs=3),
-        run_evaluation=False,
-    )
-    return bundle
+    return train_small_bundle(tmp_path_factory.mktemp("program"))
 
 
 @pytest.fixture(scope="module")
