@@ -82,16 +82,21 @@ class ViewEvent(_Event):
         return None
 
 
-def _event_kind(value: object) -> object:
-    # A missing kind is a like: the events sent before views existed stay valid.
-    if isinstance(value, dict):
-        return value.get("kind", "like")
-    return getattr(value, "kind", "like")
+def _kind_or(default: str):
+    """A discriminator reading ``kind``, which a body may leave out for ``default``."""
+
+    def kind(value: object) -> object:
+        if isinstance(value, dict):
+            return value.get("kind", default)
+        return getattr(value, "kind", default)
+
+    return kind
 
 
 FeedbackRequest = Annotated[
     Annotated[LikeEvent, Tag("like")] | Annotated[ViewEvent, Tag("view")],
-    Discriminator(_event_kind),
+    # A missing kind is a like: the events sent before views existed stay valid.
+    Discriminator(_kind_or("like")),
 ]
 
 
@@ -117,14 +122,8 @@ class BackfillRun(BaseModel):
     )
 
 
-def _run_kind(value: object) -> object:
-    # A missing kind is a full run: `{}` is a valid request.
-    if isinstance(value, dict):
-        return value.get("kind", "manual")
-    return getattr(value, "kind", "manual")
-
-
 RunRequest = Annotated[
     Annotated[ManualRun, Tag("manual")] | Annotated[BackfillRun, Tag("backfill")],
-    Discriminator(_run_kind),
+    # A missing kind is a full run: `{}` is a valid request.
+    Discriminator(_kind_or("manual")),
 ]
