@@ -52,7 +52,7 @@ def score_in_ray(
     shut down and :class:`~encore.errors.RunStopped` is raised.
     """
     ray = import_ray()
-    started = start_ray(settings)
+    started = join_ray(settings.ray_address)
     try:
         actors = actor_count(settings)
         # Paths as the driver sees them: an actor's working directory is not the driver's.
@@ -97,11 +97,6 @@ def score_in_ray(
     finally:
         if started:
             ray.shutdown()
-
-
-def start_ray(settings: Settings) -> bool:
-    """Connect to Ray unless this process already is; True when this call connected."""
-    return join_ray(settings.ray_address)
 
 
 def actor_count(settings: Settings) -> int:

@@ -41,9 +41,9 @@ def ray_running() -> Iterator[None]:
         if IN_CI:
             pytest.fail(f"CI=true: {message}", pytrace=False)
         pytest.skip(message)
-    from scheduler.ray_engine import import_ray, start_ray
+    from encore.ray_cluster import import_ray, join_ray
 
-    started = start_ray(Settings())
+    started = join_ray(Settings().ray_address)
     yield
     if started:
         import_ray().shutdown()
