@@ -7,14 +7,17 @@ process: (a) a full run into Redis (spawn pool, batches, pipelined writes, verif
 path scoring, encoding and writing one user at a time, on a sample. With
 ``--challenger-share S``, a second bundle (same users, other weights) challenges the first for
 that share of users, and runs with and without it alternate ``--pairs`` times: the figure is
-the median ratio of their durations (an experiment's cost). With ``--engine ray``, the same run
-again with the Ray engine after the local one (it starts a local Ray and stops it: that time
-counts), its wall time, its ratio to the local run's, and whether a sample of users got the
-same lists. Prints one JSON line.
+the median ratio of their durations (an experiment's cost). With ``--engine ray``, runs of the
+local engine and of the Ray engine alternate ``--pairs`` times: the median ratio of their wall
+times, and whether a sample of users got the same lists. The Ray engine joins the cluster at
+``--ray-address`` (ENCORE_RAY_ADDRESS), as a nightly job on a Ray cluster does; without one it
+starts a local Ray for each run and stops it after, and that time counts. Prints one JSON line.
 
     uv run python bench/batch.py --users 1000000
     uv run python bench/batch.py --users 1000000 --challenger-share 0.1
     uv run --extra ray python bench/batch.py --users 1000000 --engine ray
+    uv run ray start --head --port 6390   # not 6379, Redis's port
+    uv run --extra ray python bench/batch.py --users 1000000 --engine ray --ray-address auto
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -155,28 +159,41 @@ class TreeMemory:
         self._thread.join()
 
 
-def ray_against_local(settings: Settings, local_run: str, users: int) -> dict:
-    """The same run with the Ray engine: its time, and a sample of lists compared."""
+def ray_against_local(settings: Settings, local_run: str, users: int, pairs: int) -> dict:
+    """Local and Ray runs alternated ``pairs`` times: the median of their ratios, and whether a
+    sample of users got the same lists from both engines."""
     from encore.online import open_online_store
+    from encore.ray_cluster import join_ray
     from scheduler.ray_engine import actor_count, import_ray
 
     ray_settings = settings.model_copy(update={"engine": "ray"})
-    clock = time.perf_counter()
-    record = run_full(ray_settings, kind="manual")
-    seconds = time.perf_counter() - clock
+    ratios, local_seconds, ray_seconds, published = [], [], [], True
+    for _ in range(pairs):
+        clock = time.perf_counter()
+        run_full(settings, kind="manual")
+        local_seconds.append(time.perf_counter() - clock)
+        clock = time.perf_counter()
+        record = run_full(ray_settings, kind="manual")
+        ray_seconds.append(time.perf_counter() - clock)
+        ratios.append(ray_seconds[-1] / local_seconds[-1])
+        published = published and record.status == "published"
     sample = np.random.default_rng(2).choice(users, min(users, 20_000), replace=False)
     ids = (7 * (sample + 1)).tolist()
     with open_online_store(settings) as store:
         identical = store.read(local_run, ids) == store.read(record.run_id, ids)
     ray = import_ray()
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+    join_ray(settings.ray_address)
     actors = actor_count(ray_settings)
-    ray.shutdown()
+    ray.shutdown()  # a joined cluster keeps running: this only disconnects
     return {
-        "seconds": seconds,
-        "actors": actors,
-        "identical_sample": identical,
-        "published": record.status == "published",
+        "ray_address": settings.ray_address or "local Ray started per run",
+        "ray_pairs": pairs,
+        "local_seconds": [round(s, 2) for s in local_seconds],
+        "ray_seconds": [round(s, 2) for s in ray_seconds],
+        "ray_to_local": round(statistics.median(ratios), 3),
+        "ray_actors": actors,
+        "ray_identical_sample": identical,
+        "ray_published": published,
     }
 
 
@@ -242,6 +259,11 @@ def main() -> None:
         help="ray: the Ray engine's run too, after the local one (needs --extra ray).",
     )
     parser.add_argument(
+        "--ray-address",
+        default=os.environ.get("ENCORE_RAY_ADDRESS"),
+        help="A running Ray cluster to join (auto or host:port); unset: a local Ray per run.",
+    )
+    parser.add_argument(
         "--redis-url", default=os.environ.get("ENCORE_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
     args = parser.parse_args()
@@ -265,7 +287,9 @@ def main() -> None:
                     version="random-v2",
                     seed=1,
                 ).result()
-        settings = Settings(home=home, redis_url=args.redis_url, top_n=args.top_n)
+        settings = Settings(
+            home=home, redis_url=args.redis_url, top_n=args.top_n, ray_address=args.ray_address
+        )
         if args.challenger_share:
             print(
                 json.dumps(
@@ -283,16 +307,9 @@ def main() -> None:
         payloads = stored_lists(client, settings, record.run_id)
         floor = write_floor(client, payloads, settings.batch_size)
         per_user_naive = naive(home, version, client, args.naive_sample, args.top_n)
-        ray = ray_against_local(settings, record.run_id, args.users) if args.engine == "ray" else {}
-    engine = {}
-    if ray:
-        engine = {
-            "ray_seconds": round(ray["seconds"], 2),
-            "ray_to_local": round(ray["seconds"] / seconds, 3),
-            "ray_actors": ray["actors"],
-            "ray_identical_sample": ray["identical_sample"],
-            "ray_published": ray["published"],
-        }
+        engine = {}
+        if args.engine == "ray":
+            engine = ray_against_local(settings, record.run_id, args.users, args.pairs)
     print(
         json.dumps(
             {

@@ -36,6 +36,8 @@ def join_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+        # "local": a Ray of this process's own, even where `ray start` left one running on
+        # this machine (which ray.init() would otherwise join, and refuse num_cpus for).
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return True

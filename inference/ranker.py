@@ -96,6 +96,13 @@ class Ranker(nn.Module):
                 np.log1p(item_popularity).astype(np.float32)
             )
 
+    def release_tables(self) -> None:
+        """Drop the embedding tables (e.g. a training fold's) until ``set_tables`` installs the
+        next ones: at 10M users a user table is 2.5 GB."""
+        for embedding in (self.user_embedding, self.item_embedding):
+            rows, dim = embedding.weight.shape
+            embedding.weight = nn.Parameter(_empty_table(rows, dim), requires_grad=False)
+
     def features(
         self,
         users: torch.Tensor,

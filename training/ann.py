@@ -32,7 +32,12 @@ ANN_CELLS = 1 << 18
 
 
 def ann_neighbours(
-    user_factors: np.ndarray, k: int, *, ray: bool = False, ray_address: str | None = None
+    user_factors: np.ndarray,
+    k: int,
+    *,
+    queries: np.ndarray | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k neighbours by cosine over low-rank factors: an inverted file searched by GEMM.
 
@@ -40,14 +45,18 @@ def ann_neighbours(
     nearest lists, as its IVF index would; but instead of scanning lists query by query
     (~80 ns per user pair on a 2-core machine), the users probing a list are scored against it
     in one matrix product and only scores that can still make a top-k are kept (~10 ns).
+    With ``queries`` (user codes), only those users' neighbours are searched, among all users:
+    row ``i`` of the result belongs to ``queries[i]``.
     """
     import faiss
 
     factors = np.ascontiguousarray(user_factors, dtype=np.float32)
     n, dim = factors.shape
-    idx = np.full((n, k), -1, dtype=np.int64)
-    sim = np.zeros((n, k), dtype=np.float32)
-    if n < 2 or k == 0:
+    queries = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
+    # Positions fit int32 below 2**31 users: half the memory of the largest output.
+    idx = np.full((len(queries), k), -1, dtype=np.int32 if n < 2**31 else np.int64)
+    sim = np.zeros((len(queries), k), dtype=np.float32)
+    if n < 2 or k == 0 or len(queries) == 0:
         return idx, sim
     # ~2 sqrt(n) lists balance k-means and probing against the list scans; faiss wants ~39
     # training points per list, and 64 are plenty.
@@ -62,28 +71,51 @@ def ann_neighbours(
         )
         kmeans.train(sample)
         # A user's norm does not change which centroids are nearest: no normalized copy yet.
-        _, probes = kmeans.index.search(factors, min(lists, ANN_PROBES))
+        # Only the queries need all their probes; the others only their own list.
+        probes = min(lists, ANN_PROBES)
+        if len(queries) == n:
+            query_probes = kmeans.index.search(factors, probes)[1].astype(np.int32)
+            own = query_probes[:, 0].copy()
+        else:
+            own = kmeans.index.search(factors, 1)[1][:, 0]
+            query_probes = kmeans.index.search(factors[queries], probes)[1].astype(np.int32)
     else:
-        probes = np.zeros((n, 1), dtype=np.int64)
+        own = np.zeros(n, dtype=np.int64)
+        query_probes = np.zeros((len(queries), 1), dtype=np.int32)
     logger.debug("ann: %d lists and probes in %.1fs", lists, time.perf_counter() - clock)
     # Users sorted by their own (nearest) list: each list is a contiguous slice, and a batch
-    # of consecutive users shares most of its probes.
-    order = np.argsort(probes[:, 0], kind="stable")
-    starts = np.r_[0, np.cumsum(np.bincount(probes[:, 0], minlength=lists))]
+    # of consecutive queries shares most of its probes.
+    order = np.argsort(own, kind="stable")
+    starts = np.r_[0, np.cumsum(np.bincount(own, minlength=lists))]
+    del own
+    query_order = np.argsort(query_probes[:, 0], kind="stable")
+    query_probes = query_probes[query_order]  # before the largest copy below, not beside it
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    query_positions = position[queries[query_order]]
+    del position
     ordered = factors[order]
     faiss.normalize_L2(ordered)
-    search = _ProbeSearch(torch.from_numpy(ordered), probes[order], starts, k)
-    del probes
+    full = len(queries) == n
+    search = _ProbeSearch(
+        torch.from_numpy(ordered),
+        starts,
+        k,
+        queries=None if full else torch.from_numpy(ordered[query_positions]),
+        probes=query_probes,
+        positions=None if full else query_positions,
+    )
+    del query_probes, ordered
     clock = time.perf_counter()
-    firsts = range(0, n, ANN_QUERY_BATCH)
+    firsts = range(0, len(queries), ANN_QUERY_BATCH)
     found_blocks = (
         _search_on_ray(search, firsts, ray_address) if ray else _search_here(search, firsts)
     )
     for first, (found, scores) in zip(firsts, found_blocks, strict=True):
-        users = order[first : first + len(found)]
+        rows = query_order[first : first + len(found)]
         valid = (found >= 0) & (scores > 0)
-        idx[users] = np.where(valid, order[np.maximum(found, 0)], -1)
-        sim[users] = np.where(valid, scores, 0.0)
+        idx[rows] = np.where(valid, order[np.maximum(found, 0)], -1)
+        sim[rows] = np.where(valid, scores, 0.0)
     logger.debug("ann: search in %.1fs", time.perf_counter() - clock)
     return idx, sim
 
@@ -133,14 +165,18 @@ class _ProbeSearch:
     """
 
     ordered: torch.Tensor  # normalized vectors, grouped by list
-    probes: np.ndarray  # lists probed per row of ``ordered``, its own list first
     starts: np.ndarray  # first row of each list
     width: int
+    queries: torch.Tensor | None  # normalized query vectors grouped by list; None: ``ordered``
+    probes: np.ndarray  # lists probed per query, its own list first
+    positions: np.ndarray | None  # each query's row of ``ordered``; None: the same row
 
     def __call__(self, first: int) -> tuple[np.ndarray, np.ndarray]:
-        last = min(len(self.ordered), first + ANN_QUERY_BATCH)
+        every = self.ordered if self.queries is None else self.queries
+        last = min(len(every), first + ANN_QUERY_BATCH)
         n_rows = last - first
-        queries = self.ordered[first:last]
+        queries = every[first:last]
+        own = np.arange(first, last) if self.positions is None else self.positions[first:last]
         pack = _ScoreKeys.plan(len(self.ordered))
         floor = np.full(n_rows, -np.inf, dtype=np.float32)
         best = np.zeros(0, dtype=np.int64)
@@ -161,7 +197,7 @@ class _ProbeSearch:
                     scores = queries[torch.from_numpy(rows)] @ self.ordered[lo:hi].T
                     if lo_p == 0:  # one more: the user itself is among these scores
                         floor[rows] = _score_floor(scores, self.width + 1)
-                    keys.append(pack.survivors(rows, first, lo, scores.numpy(), floor[rows]))
+                    keys.append(pack.survivors(rows, own, lo, scores.numpy(), floor[rows]))
             best = pack.first(np.sort(np.concatenate(keys)), n_rows, self.width)
             floor = pack.floor(best, n_rows, self.width)
         return pack.top(best, n_rows, self.width)
@@ -189,17 +225,17 @@ class _ScoreKeys:
         return self.position_bits + self.score_bits
 
     def survivors(
-        self, rows: np.ndarray, first: int, lo: int, scores: np.ndarray, floor: np.ndarray
+        self, rows: np.ndarray, own: np.ndarray, lo: int, scores: np.ndarray, floor: np.ndarray
     ) -> np.ndarray:
         """Keys of the ``scores`` at or above their row's ``floor``, but each user's own.
 
-        Row ``i`` scores batch row ``rows[i]`` (user ``first + rows[i]``); column ``j`` is
-        user ``lo + j``.
+        Row ``i`` scores batch row ``rows[i]`` (index position ``own[rows[i]]``); column ``j``
+        is position ``lo + j``.
         """
         # numpy's compare and flatnonzero are ~4x cheaper here than torch's nonzero.
         hits = np.flatnonzero(scores >= floor[:, None])
         row, col = np.divmod(hits, scores.shape[1])
-        other = rows[row] + first != col + lo
+        other = own[rows[row]] != col + lo
         hits, row, col = hits[other], row[other], col[other]
         level = np.rint(np.clip(1.0 - scores.ravel()[hits].astype(np.float64), 0, 2) * self.scale)
         return (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,6 +24,11 @@ from training.pairing import PairingParams, Pairings, pair_users
 from training.protocol import holdout_mask
 
 logger = logging.getLogger("encore.fit")
+
+# A fold pairs at most this many times the users it keeps as examples: about half of them have
+# a held-out playlist among their candidates, and pairing every user of a large data set (10M)
+# to keep 50,000 would cost more than the rest of the training.
+EXAMPLE_SAMPLE = 4
 
 
 @dataclass(frozen=True)
@@ -66,9 +72,14 @@ def fit(
     shape: tuple[int, int],
     params: TrainParams = TrainParams(),
     *,
+    spill: Path | None = None,
     progress: Progress | None = None,
 ) -> FittedModel:
-    """Fit pairing, embeddings and ranker on interactions given as integer codes."""
+    """Fit pairing, embeddings and ranker on interactions given as integer codes.
+
+    With ``spill`` (a directory), the pairings are written there as they are made and come
+    back memory-mapped, rather than held in memory.
+    """
     report = progress or (lambda *args, **kwargs: None)
     seconds: dict[str, float] = {}
     torch.manual_seed(params.seed)
@@ -98,11 +109,16 @@ def fit(
         factors = low_rank_factors(
             inner, dim=params.dim, popularity_damping=params.popularity_damping, seed=params.seed
         )
-        inner_pairs = pair_users(inner, pairing, user_factors=factors[0])
+        users = _example_users(user_codes[held], params, fold)
+        inner_pairs = pair_users(inner, pairing, user_factors=factors[0], rows=users)
         ranker.set_tables(*factors, activity(inner), popularity(inner))
         examples.append(
-            _examples(ranker, inner_pairs, user_codes[held], item_codes[held], shape[1], params)
+            _examples(
+                ranker, inner_pairs, users, user_codes[held], item_codes[held], shape[1], params
+            )
         )
+        del inner, factors, inner_pairs  # the next fold's arrays replace these, not add to them
+    ranker.release_tables()  # the examples hold what they need of the folds' tables
     report("inner pairing", params.inner_folds, params.inner_folds)
     seconds["inner_pairing"] = time.perf_counter() - clock
 
@@ -121,27 +137,46 @@ def fit(
     user_factors, item_factors = low_rank_factors(
         matrix, dim=params.dim, popularity_damping=params.popularity_damping, seed=params.seed
     )
-    pairs = pair_users(matrix, pairing, user_factors=user_factors)
+    pairs = pair_users(matrix, pairing, user_factors=user_factors, out=spill)
     pop = popularity(matrix)
     ranker.set_tables(user_factors, item_factors, activity(matrix), pop)
+    del user_factors, item_factors
     ranker.eval()
     report("pairing", 1, 1)
     seconds["pairing"] = time.perf_counter() - clock
     return FittedModel(ranker, pairs, matrix, pop, params, seconds, loss)
 
 
+def _example_users(held_users: np.ndarray, params: TrainParams, fold: int) -> np.ndarray:
+    """The users of a fold that may become training examples: those with a held-out row, or a
+    random sample of them when they are many times more than the examples a fold keeps (only
+    these users need neighbours and candidates in the fold)."""
+    users = np.unique(held_users)
+    sample = EXAMPLE_SAMPLE * (params.max_training_users // params.inner_folds)
+    if len(users) <= sample:
+        return users
+    rng = np.random.default_rng([params.seed, fold])
+    return np.sort(rng.choice(users, sample, replace=False))
+
+
 def _examples(
     ranker: Ranker,
     pairs: Pairings,
+    users: np.ndarray,
     held_users: np.ndarray,
     held_items: np.ndarray,
     n_items: int,
     params: TrainParams,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw features, mask and labels of the users with a held-out playlist among candidates."""
-    users = np.unique(held_users)
+    """Raw features, mask and labels of the ``users`` (``pairs`` holds theirs, in order) with a
+    held-out playlist among their candidates."""
     items, support, neighbours, mask = padded_candidates(
-        pairs.indptr, pairs.items, pairs.support, pairs.neighbours, users, params.candidates
+        pairs.indptr,
+        pairs.items,
+        pairs.support,
+        pairs.neighbours,
+        np.arange(len(users)),
+        params.candidates,
     )
     held_keys = np.unique(held_users.astype(np.int64) * n_items + held_items)
     keys = torch.from_numpy(users).unsqueeze(1) * n_items + items

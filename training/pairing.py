@@ -9,6 +9,8 @@ never one Python object per pair.
 from __future__ import annotations
 
 import logging
+import shutil
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ class Pairings:
     items: np.ndarray  # int32 item codes
     support: np.ndarray  # float32 sum of neighbour similarities (0 for popularity fill)
     neighbours: np.ndarray  # uint16 neighbours holding the item
+    source: Path | None = None  # the directory the arrays are memory-mapped from
 
     @property
     def n_users(self) -> int:
@@ -49,12 +52,17 @@ class Pairings:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         for name in PAIRING_FILES:
-            np.save(directory / f"{name}.npy", getattr(self, name))
+            if self.source is not None:
+                # Spilled pairings: the file is copied by the kernel, never read into memory.
+                shutil.copyfile(self.source / f"{name}.npy", directory / f"{name}.npy")
+            else:
+                np.save(directory / f"{name}.npy", getattr(self, name))
 
     @classmethod
     def load(cls, directory: Path, *, mmap: bool = True) -> Pairings:
         mode = "r" if mmap else None
-        return cls(*(np.load(directory / f"{name}.npy", mmap_mode=mode) for name in PAIRING_FILES))
+        arrays = (np.load(directory / f"{name}.npy", mmap_mode=mode) for name in PAIRING_FILES)
+        return cls(*arrays, source=directory if mmap else None)
 
 
 @dataclass(frozen=True)
@@ -77,48 +85,62 @@ def pair_users(
     params: PairingParams = PairingParams(),
     *,
     user_factors: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
+    out: Path | None = None,
     progress: Progress | None = None,
 ) -> Pairings:
-    """Neighbours and candidates for every row of the (log-weighted) interaction matrix."""
+    """Neighbours and candidates for every row of the (log-weighted) interaction matrix, or
+    for the sorted user codes ``rows`` only (entry ``i`` of the result is ``rows[i]``'s).
+    With ``out``, the result is written into that directory and memory-mapped."""
     method = params.resolve(matrix)
     logger.debug("pairing %d users with the %s method", matrix.shape[0], method)
     if method == "exact":
-        nbr_idx, nbr_sim = exact_neighbours(matrix, params.neighbours, progress=progress)
+        nbr_idx, nbr_sim = exact_neighbours(matrix, params.neighbours, rows=rows, progress=progress)
     elif method == "ann":
         if user_factors is None:
             raise ValueError("the ann pairing method needs user_factors")
         nbr_idx, nbr_sim = ann_neighbours(
             user_factors,
             params.neighbours,
+            queries=rows,
             ray=params.engine == "ray",
             ray_address=params.ray_address,
         )
     else:
         raise ValueError(f"unknown pairing method {params.method!r}; use auto, exact or ann")
-    return candidates_from_neighbours(matrix, nbr_idx, nbr_sim, params.candidates)
+    return candidates_from_neighbours(
+        matrix, nbr_idx, nbr_sim, params.candidates, rows=rows, out=out
+    )
 
 
 def exact_neighbours(
-    matrix: sp.csr_matrix, k: int, *, progress: Progress | None = None
+    matrix: sp.csr_matrix,
+    k: int,
+    *,
+    rows: np.ndarray | None = None,
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k cosine neighbours per user (-1 / 0 pad); blocked sparse products."""
+    """Top-k cosine neighbours per user, or per user of ``rows`` (-1 / 0 pad); blocked sparse
+    products."""
     n_users = matrix.shape[0]
+    rows = np.arange(n_users) if rows is None else np.asarray(rows, dtype=np.int64)
     normalized = row_normalize(matrix)
     transposed = normalized.T.tocsr()
     k_eff = min(k, max(n_users - 1, 0))
-    idx = np.full((n_users, k), -1, dtype=np.int64)
-    sim = np.zeros((n_users, k), dtype=np.float32)
+    idx = np.full((len(rows), k), -1, dtype=np.int64)
+    sim = np.zeros((len(rows), k), dtype=np.float32)
     block = max(1, BLOCK_CELLS // max(n_users, 1))
-    for start in range(0, n_users, block):
-        stop = min(n_users, start + block)
-        scores = torch.from_numpy((normalized[start:stop] @ transposed).toarray())
-        scores[torch.arange(stop - start), torch.arange(start, stop)] = -1.0  # not yourself
+    for start in range(0, len(rows), block):
+        stop = min(len(rows), start + block)
+        users = rows[start:stop]
+        scores = torch.from_numpy((normalized[users] @ transposed).toarray())
+        scores[torch.arange(stop - start), torch.from_numpy(users)] = -1.0  # not yourself
         if k_eff:
             values, columns = torch.topk(scores, k_eff, dim=1)
             idx[start:stop, :k_eff] = columns.numpy()
             sim[start:stop, :k_eff] = values.numpy()
         if progress:
-            progress("neighbours", stop, n_users)
+            progress("neighbours", stop, len(rows))
     keep = sim > 0
     return np.where(keep, idx, -1), np.where(keep, sim, 0.0).astype(np.float32)
 
@@ -129,6 +151,8 @@ def candidates_from_neighbours(
     nbr_sim: np.ndarray,
     cap: int,
     *,
+    rows: np.ndarray | None = None,
+    out: Path | None = None,
     block_users: int = 8192,
 ) -> Pairings:
     """Rank each user's unseen neighbour playlists by support; pad with popular ones.
@@ -136,9 +160,13 @@ def candidates_from_neighbours(
     A user whose neighbours hold nothing new gets no candidates at all (a cold user, served
     the run's popularity fallback). Others are padded with the most popular playlists they
     have not seen, up to ``cap``, so the ranker always has a full slate to order. Ties in
-    support go to the more popular playlist.
+    support go to the more popular playlist. With ``out``, the pairings are written there
+    block by block and returned memory-mapped (at 10M users they are 7.5 GB).
     """
-    n_users, n_items = matrix.shape
+    n_items = matrix.shape[1]
+    every = rows is None
+    rows = np.arange(matrix.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    n_users = len(rows)
     k = nbr_idx.shape[1] if nbr_idx.ndim == 2 else 0
     head = np.argsort(-popularity(matrix), kind="stable")
     rank_of = np.empty(n_items, dtype=np.int64)
@@ -152,16 +180,21 @@ def candidates_from_neighbours(
 
     def block(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         stop = min(n_users, start + code.block)
-        keys = _block_keys(held, nbr_idx[start:stop], nbr_sim[start:stop], start, code)
+        users = rows[start:stop]
+        keys = _block_keys(held, nbr_idx[start:stop], nbr_sim[start:stop], users, code)
         keys = _top_keys(keys, stop - start, cap, code)
-        keys = _pad_with_popular(keys, held[start:stop], cap, code)
+        mine = held[start:stop] if every else held[users]  # a slice is cheaper than a gather
+        keys = _pad_with_popular(keys, mine, cap, code)
         ranks, support, count = code.decode(keys)
         lengths = np.bincount(keys >> code.row_shift, minlength=stop - start)
         return lengths, head[ranks].astype(np.int32), support, count.astype(np.uint16)
 
+    starts = range(0, n_users, code.block)
+    if out is not None:
+        return _spill(_in_order(block, starts), out)
     # scipy's sparse product and numpy's sort release the GIL, so blocks run side by side.
     with ThreadPoolExecutor(max_workers=worker_threads()) as pool:
-        parts = list(pool.map(block, range(0, n_users, code.block)))
+        parts = list(pool.map(block, starts))
     if not parts:
         empty = np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.uint16)
         return Pairings(np.zeros(n_users + 1, np.int64), *empty)
@@ -171,6 +204,47 @@ def candidates_from_neighbours(
         parts = [(*part[:field], None, *part[field + 1 :]) for part in parts]
     indptr = np.r_[0, np.cumsum(fields[0])].astype(np.int64)
     return Pairings(indptr, *fields[1:])
+
+
+def _in_order(work, starts: range):
+    """``work(start)`` for every start on the pairing's threads, yielded in order, with only a
+    few blocks' results held at a time."""
+    window = 2 * worker_threads()
+    with ThreadPoolExecutor(max_workers=worker_threads()) as pool:
+        pending = deque(pool.submit(work, start) for start in starts[:window])
+        for start in starts[window:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(work, start))
+        while pending:
+            yield pending.popleft().result()
+
+
+def _spill(parts, out: Path) -> Pairings:
+    """Write the blocks' (lengths, items, support, neighbours) as the pairing files in
+    ``out``: each field is appended to a raw file, then given its .npy header."""
+    out.mkdir(parents=True, exist_ok=True)
+    dtypes = {"items": np.int32, "support": np.float32, "neighbours": np.uint16}
+    raws = {name: out / f"{name}.raw" for name in dtypes}
+    lengths = []
+    files = {name: path.open("wb") for name, path in raws.items()}
+    try:
+        for part in parts:
+            lengths.append(part[0])
+            for name, values in zip(dtypes, part[1:], strict=True):
+                files[name].write(np.ascontiguousarray(values, dtype=dtypes[name]).tobytes())
+    finally:
+        for handle in files.values():
+            handle.close()
+    counts = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    np.save(out / "indptr.npy", np.r_[0, np.cumsum(counts)].astype(np.int64))
+    total = int(counts.sum())
+    for name, raw in raws.items():
+        with (out / f"{name}.npy").open("wb") as target, raw.open("rb") as source:
+            header = {"descr": np.dtype(dtypes[name]).str, "fortran_order": False}
+            np.lib.format.write_array_header_1_0(target, {**header, "shape": (total,)})
+            shutil.copyfileobj(source, target, 1 << 24)
+        raw.unlink()
+    return Pairings.load(out, mmap=True)
 
 
 @dataclass(frozen=True)
@@ -243,7 +317,7 @@ def _max_support(nbr_idx: np.ndarray, nbr_sim: np.ndarray, rows: int = 1 << 16) 
 
 
 def _block_keys(
-    held: sp.csr_matrix, idx: np.ndarray, sim: np.ndarray, start: int, code: _KeyCode
+    held: sp.csr_matrix, idx: np.ndarray, sim: np.ndarray, users: np.ndarray, code: _KeyCode
 ) -> np.ndarray:
     """Unsorted keys of every unseen playlist held by a neighbour, for one block of users.
 
@@ -255,7 +329,7 @@ def _block_keys(
     ok = idx >= 0
     quantized = np.rint(np.maximum(sim, 0).astype(np.float64) * code.unit).astype(np.int64)
     # Each row: its neighbours, then the user itself; built as CSR directly (no COO sort).
-    cols = np.concatenate([idx, np.arange(start, start + n)[:, None]], axis=1)
+    cols = np.concatenate([idx.astype(np.int64), users[:, None]], axis=1)
     data = np.concatenate(
         [quantized + code.count_unit, np.full((n, 1), -(1 << 61), np.int64)], axis=1
     )

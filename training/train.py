@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +32,33 @@ def train_bundle(
     evaluation = None
     if run_evaluation:
         evaluation = evaluate(interactions, params, progress=_prefixed(progress, "evaluate: "))
+    bundles_dir.mkdir(parents=True, exist_ok=True)
+    # The pairings go to disk as they are made (7.5 GB at 10M users), beside the bundles so
+    # that they are copied within one file system; list_bundles skips dot directories.
+    with tempfile.TemporaryDirectory(prefix=".pairings-", dir=bundles_dir) as spill:
+        return _fit_and_write(
+            interactions,
+            bundles_dir,
+            params,
+            catalog=catalog,
+            evaluation=evaluation,
+            promote_bundle=promote_bundle,
+            spill=Path(spill),
+            progress=progress,
+        )
+
+
+def _fit_and_write(
+    interactions: Interactions,
+    bundles_dir: Path,
+    params: TrainParams,
+    *,
+    catalog: pd.DataFrame | None,
+    evaluation: Evaluation | None,
+    promote_bundle: bool,
+    spill: Path,
+    progress: Progress | None,
+) -> tuple[Bundle, Evaluation | None]:
     clock = time.perf_counter()
     users, user_codes = encode(interactions.user_ids)
     items, item_codes = encode(interactions.playlist_ids)
@@ -40,8 +68,10 @@ def train_bundle(
         interactions.weights,
         (len(users), len(items)),
         params,
+        spill=spill / "pairings",
         progress=progress,
     )
+    del user_codes, item_codes
     seconds = time.perf_counter() - clock
 
     def contents(directory: Path) -> None:
