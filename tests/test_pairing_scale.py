@@ -103,3 +103,18 @@ def test_low_rank_factors_are_near_the_truncated_svd_and_repeatable():
         again = low_rank_factors(shaped, dim=20, seed=7)
         np.testing.assert_array_equal(again[0], users)
         np.testing.assert_array_equal(again[1], items)
+
+
+def test_low_rank_factors_in_row_blocks_equal_one_product(monkeypatch):
+    """The long side is multiplied in blocks of rows (10M users would otherwise hold a 5 GB
+    intermediate): the factors are those of one product, up to float32 summation order."""
+    import training.matrix
+
+    matrix = sp.random(900, 120, density=0.05, random_state=3, format="csr", dtype=np.float32)
+    for shaped in (matrix, matrix.T.tocsr()):
+        whole = low_rank_factors(shaped, dim=16, seed=1)
+        monkeypatch.setattr(training.matrix, "LONG_BLOCK_ROWS", 128)  # 8 blocks
+        blocked = low_rank_factors(shaped, dim=16, seed=1)
+        monkeypatch.undo()
+        for a, b in zip(whole, blocked, strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -11,6 +12,9 @@ import torch
 from encore.ids import IdMap
 
 GRAM_ROWS = 1 << 17  # rows per float64 block of the Gram matrix: 128 MiB at rank 128
+# Rows of the long side per sparse product: a (block x rank) float32 product is 512 MiB at rank
+# 128, where one product over 10M users would hold 5 GB (and torch a copy of it).
+LONG_BLOCK_ROWS = 1 << 20
 
 
 def encode(ids: np.ndarray) -> tuple[IdMap, np.ndarray]:
@@ -95,16 +99,47 @@ def low_rank_factors(
         return _widen(torch.zeros(matrix.shape[0], 0), dim), _widen(
             torch.zeros(matrix.shape[1], 0), dim
         )
-    forward, backward = _csr_tensor(normalized), _csr_tensor(normalized.T.tocsr())
     generator = torch.Generator().manual_seed(seed)
     # The subspace iteration runs on the shorter side (items, with many users), so every QR
     # is on a short matrix; the long side only ever meets sparse products and one Gram matrix.
-    if matrix.shape[0] >= matrix.shape[1]:
-        basis, projected, scale = _subspace(forward, backward, rank, iterations, generator)
+    users_long = matrix.shape[0] >= matrix.shape[1]
+    long_side = _LongSide.of(normalized if users_long else normalized.T.tocsr())
+    del normalized
+    basis, projected, scale = _subspace(long_side, rank, iterations, generator)
+    if users_long:
         return _widen(projected, dim), _widen(basis, dim)  # B W = U S, Q W = V
-    basis, projected, scale = _subspace(backward, forward, rank, iterations, generator)
     inverse = torch.where(scale > 0, 1.0 / scale.clamp(min=1e-30), 0.0)
     return _widen(basis * scale, dim), _widen(projected.mul_(inverse), dim)  # Q W S, B W / S
+
+
+@dataclass(frozen=True)
+class _LongSide:
+    """A tall sparse matrix (m x n, m >= n) in blocks of rows, each with its transpose."""
+
+    shape: tuple[int, int]
+    blocks: list[tuple[int, torch.Tensor, torch.Tensor]]  # (first row, rows, rows transposed)
+
+    @classmethod
+    def of(cls, matrix: sp.csr_matrix) -> _LongSide:
+        blocks = []
+        for start in range(0, matrix.shape[0], LONG_BLOCK_ROWS):
+            rows = matrix[start : start + LONG_BLOCK_ROWS]
+            blocks.append((start, _csr_tensor(rows), _csr_tensor(rows.T.tocsr())))
+        return cls(matrix.shape, blocks)
+
+    def times(self, dense: torch.Tensor) -> torch.Tensor:
+        """``A @ dense`` (m x rank), block by block into one output."""
+        out = torch.empty(self.shape[0], dense.shape[1])
+        for start, block, _ in self.blocks:
+            out[start : start + block.shape[0]] = block @ dense
+        return out
+
+    def normal_times(self, dense: torch.Tensor) -> torch.Tensor:
+        """``A.T @ (A @ dense)`` (n x rank), summed over the blocks."""
+        total = torch.zeros(self.shape[1], dense.shape[1])
+        for _, block, transposed in self.blocks:
+            total += transposed @ (block @ dense)
+        return total
 
 
 def _widen(factors: torch.Tensor, dim: int) -> np.ndarray:
@@ -131,7 +166,7 @@ def _csr_tensor(matrix: sp.csr_matrix) -> torch.Tensor:
 
 
 def _subspace(
-    a: torch.Tensor, a_t: torch.Tensor, rank: int, iterations: int, generator: torch.Generator
+    a: _LongSide, rank: int, iterations: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized SVD of ``a`` (m x n) with the basis kept on the n side.
 
@@ -140,8 +175,8 @@ def _subspace(
     """
     basis = _orthonormalize(torch.randn(a.shape[1], rank, generator=generator))
     for _ in range(iterations):
-        basis = _orthonormalize(a_t @ (a @ basis))
-    projected = a @ basis
+        basis = _orthonormalize(a.normal_times(basis))
+    projected = a.times(basis)
     # An eigendecomposition of the small Gram matrix replaces an SVD of the long m x rank
     # product.
     gram = _gram(projected)
