@@ -92,13 +92,15 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")}
     with tempfile.TemporaryDirectory(prefix="encore-train-bench-") as tmp:
         home = Path(args.home or tmp)
+        if args.home and (home / "bundles").exists():
+            raise SystemExit(f"{home} already holds bundles: give an empty --home")
         floor_seconds, floor_peaks, _ = timed_child([sys.executable, "-c", FLOOR, str(path)], env)
         command = [sys.executable, "-m", "encore", "train", "-i", str(path)]
         seconds, peaks, _ = timed_child(
             [*command, "--no-evaluate", "--no-promote", "--seed", str(args.seed)],
             {**env, "ENCORE_HOME": str(home), "COLUMNS": "200"},
         )
-        (bundle,) = (home / "bundles").iterdir()
+        (bundle,) = (b for b in (home / "bundles").iterdir() if (b / "metadata.json").exists())
         metadata = json.loads((bundle / "metadata.json").read_text())
         size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     training = metadata["training"]

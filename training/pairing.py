@@ -9,6 +9,7 @@ never one Python object per pair.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +54,9 @@ class Pairings:
         directory.mkdir(parents=True, exist_ok=True)
         for name in PAIRING_FILES:
             if self.source is not None:
-                # Spilled pairings: the file is copied by the kernel, never read into memory.
-                shutil.copyfile(self.source / f"{name}.npy", directory / f"{name}.npy")
+                # Spilled pairings: linked (same file system) or copied by the kernel, never
+                # read into memory.
+                _link_or_copy(self.source / f"{name}.npy", directory / f"{name}.npy")
             else:
                 np.save(directory / f"{name}.npy", getattr(self, name))
 
@@ -63,6 +65,13 @@ class Pairings:
         mode = "r" if mmap else None
         arrays = (np.load(directory / f"{name}.npy", mmap_mode=mode) for name in PAIRING_FILES)
         return cls(*arrays, source=directory if mmap else None)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 @dataclass(frozen=True)
