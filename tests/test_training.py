@@ -99,18 +99,15 @@ def test_cli_generate_train_list_evaluate(tmp_path):
     assert "champion" in row  # the promoted version's alias
     assert "600" in row and "150" in row
 
-    evaluated = invoke(
-        runner,
-        "evaluate",
-        "--interactions",
-        str(out / "interactions.parquet"),
-        "--epochs",
-        "1",
-        "--neighbours",
-        "10",
-        "--candidates",
-        "20",
-    )
+    options = ["--interactions", str(out / "interactions.parquet"), "--neighbours", "10"]
+    options += ["--candidates", "20", "--dim", "8"]
+    # Other hyper-parameters than the bundle's: its figures would not describe it.
+    other = invoke(runner, "evaluate", *options, "--epochs", "2")
+    assert "not stored: no bundle was trained on this data with these" in other.output
+    assert list_bundles(home / "bundles")[0].metadata["metrics"] == {}
+
+    evaluated = invoke(runner, "evaluate", *options, "--epochs", "1")
+    assert f"stored in bundle {bundle.version}" in evaluated.output
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert set(metrics) >= {"recall@10", "ndcg@10", "popularity_recall@10", "users_evaluated"}
     # The figures are stored in the bundle trained on the same data, and shown by the list.

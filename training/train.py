@@ -136,9 +136,25 @@ def model_spec(fitted: FittedModel) -> dict:
     }
 
 
-def find_bundle_for(bundles_dir: Path, fingerprint: str) -> Bundle | None:
-    """The newest bundle trained on data with this fingerprint."""
+def find_bundle_for(
+    bundles_dir: Path, fingerprint: str, hyperparameters: dict | None = None
+) -> Bundle | None:
+    """The newest bundle trained on data with this fingerprint (and, when given, with these
+    hyper-parameters: an evaluation's figures describe only such a bundle)."""
     matches = [
-        b for b in list_bundles(bundles_dir) if b.metadata.get("data_fingerprint") == fingerprint
+        b
+        for b in list_bundles(bundles_dir)
+        if b.metadata.get("data_fingerprint") == fingerprint
+        and (hyperparameters is None or _same(b.metadata.get("hyperparameters"), hyperparameters))
     ]
     return matches[-1] if matches else None
+
+
+def _same(stored: dict | None, wanted: dict) -> bool:
+    # Where the pairing's search ran does not change what it finds (tests/test_ray_engine.py).
+    where = {"pairing_engine"}
+    if stored is None:
+        return False
+    return {k: v for k, v in stored.items() if k not in where} == {
+        k: v for k, v in wanted.items() if k not in where
+    }

@@ -135,26 +135,39 @@ def evaluate(
     sep: SepOpt = None,
     neighbours: Annotated[int | None, typer.Option(min=1)] = None,
     candidates: Annotated[int | None, typer.Option(min=1)] = None,
+    dim: Annotated[int | None, typer.Option(min=2)] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    pairing: Annotated[str | None, typer.Option(help="auto, exact or ann [auto].")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Run the quality protocol: recall@10 and NDCG@10 of the model and of popularity.
 
-    The figures are stored in the newest bundle trained on the same data, if there is one.
+    The figures are stored in the newest bundle trained on the same data with the same
+    hyper-parameters, if there is one.
     """
     from training.evaluate import evaluate as run_evaluate
     from training.ingest import read_interactions
     from training.train import find_bundle_for
 
     data = read_interactions(interactions, columns=_columns(columns), sep=_sep(sep))
-    params = _train_params(neighbours=neighbours, candidates=candidates, epochs=epochs, seed=seed)
+    params = _train_params(
+        neighbours=neighbours,
+        candidates=candidates,
+        dim=dim,
+        epochs=epochs,
+        pairing_method=pairing,
+        seed=seed,
+    )
     with stage_progress() as progress:
         result = run_evaluate(data, params, progress=progress).as_dict()
     _print_evaluation(result)
-    bundle = find_bundle_for(get_settings().bundles_dir, data.fingerprint)
+    hyperparameters = json.loads(json.dumps(params.as_dict()))  # as the metadata holds them
+    bundle = find_bundle_for(get_settings().bundles_dir, data.fingerprint, hyperparameters)
     if bundle is not None:
         bundle.update_metrics(result)
         console.print(f"stored in bundle {bundle.version}")
+    else:
+        console.print("not stored: no bundle was trained on this data with these hyper-parameters")
     print(json.dumps(result), flush=True)
 
 
