@@ -65,6 +65,9 @@ def read_interactions(
         frame, unit = _read_parquet(path, columns), "row"
     else:
         frame, unit = _read_delimited(path, columns, sep), "line"
+    # Arrow's allocator keeps the freed file table for reuse: 10M users' rows held ~2 GB more
+    # than the columns themselves until the end of training.
+    pa.default_memory_pool().release_unused()
     return Interactions(
         user_ids=frame["user_id"],
         playlist_ids=frame["playlist_id"],
