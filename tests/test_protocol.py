@@ -127,3 +127,38 @@ def test_ranking_metrics_rank_discount_and_cutoff():
 def test_ranking_metrics_with_nobody_held_out():
     metrics = ranking_metrics(np.full((3, 10), -1), np.zeros(4, dtype=np.int64), np.array([]))
     assert (metrics.recall_at_10, metrics.ndcg_at_10, metrics.users) == (0.0, 0.0, 0)
+
+
+def test_repeated_pairs_are_merged_so_a_held_out_pair_is_never_trained_on():
+    from training.matrix import merge_repeats
+
+    rng = np.random.default_rng(4)
+    users = rng.integers(0, 40, 3000)
+    items = rng.integers(0, 30, 3000)  # about 1200 pairs: most of them repeat
+    weights = np.ones(3000, dtype=np.float32)
+
+    def split_pairs(u, i):
+        held = holdout_mask(u)
+        keys = u.astype(np.int64) * 30 + i
+        return np.intersect1d(keys[held], keys[~held])
+
+    assert len(split_pairs(users, items)) > 0  # what the merge prevents
+    mu, mi, mw = merge_repeats(users, items, weights, 30)
+    assert len(split_pairs(mu, mi)) == 0
+    keys = users.astype(np.int64) * 30 + items
+    assert len(mu) == len(np.unique(keys))
+    assert mw.sum() == 3000 and mw.dtype == np.float32
+    # Each pair keeps the place of its first row, with the weights of all its rows.
+    first = {}
+    for row, key in enumerate(keys.tolist()):
+        first.setdefault(key, row)
+    assert (mu.astype(np.int64) * 30 + mi).tolist() == sorted(first, key=first.get)
+    assert mw[0] == (keys == keys[0]).sum()
+
+
+def test_without_repeats_the_rows_are_the_inputs_themselves():
+    from training.matrix import merge_repeats
+
+    users, items, weights = np.array([0, 0, 1]), np.array([0, 1, 0]), np.ones(3, np.float32)
+    merged = merge_repeats(users, items, weights, 2)
+    assert all(a is b for a, b in zip(merged, (users, items, weights), strict=True))

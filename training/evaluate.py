@@ -12,7 +12,7 @@ from encore.progress import Progress
 from inference.ranker import rank_users
 from training.fit import FittedModel, TrainParams, fit
 from training.ingest import Interactions
-from training.matrix import encode, popular_fill
+from training.matrix import encode, merge_repeats, popular_fill
 from training.protocol import CUTOFF, RankingMetrics, holdout_mask, ranking_metrics
 
 
@@ -49,12 +49,15 @@ def evaluate(
     users, user_codes = encode(interactions.user_ids)
     items, item_codes = encode(interactions.playlist_ids)
     shape = (len(users), len(items))
+    user_codes, item_codes, weights = merge_repeats(
+        user_codes, item_codes, interactions.weights, shape[1]
+    )
     held = holdout_mask(user_codes)
     clock = time.perf_counter()
     fitted = fit(
         user_codes[~held],
         item_codes[~held],
-        interactions.weights[~held],
+        weights[~held],
         shape,
         params,
         progress=progress,

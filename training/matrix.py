@@ -22,6 +22,24 @@ def encode(ids: np.ndarray) -> tuple[IdMap, np.ndarray]:
     return IdMap(unique.astype(np.int64)), codes.astype(np.int64)
 
 
+def merge_repeats(
+    user_codes: np.ndarray, item_codes: np.ndarray, weights: np.ndarray, n_items: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row per (user, item) pair, its weights summed, in the order of each pair's first row.
+
+    The protocol splits rows: without this, a pair listed twice could be held out and trained
+    on at once. Returns the inputs themselves when no pair repeats.
+    """
+    keys = np.asarray(user_codes, dtype=np.int64) * n_items + item_codes
+    unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    if len(unique) == len(keys):
+        return user_codes, item_codes, weights
+    summed = np.bincount(inverse, weights=weights, minlength=len(unique))
+    order = np.argsort(first, kind="stable")
+    rows = first[order]
+    return user_codes[rows], item_codes[rows], summed[order].astype(np.float32)
+
+
 def interaction_matrix(
     user_codes: np.ndarray, item_codes: np.ndarray, weights: np.ndarray, shape: tuple[int, int]
 ) -> sp.csr_matrix:

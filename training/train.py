@@ -15,7 +15,7 @@ from encore.progress import Progress
 from training.evaluate import Evaluation, evaluate
 from training.fit import FittedModel, TrainParams, fit
 from training.ingest import Interactions
-from training.matrix import encode
+from training.matrix import encode, merge_repeats
 
 
 def train_bundle(
@@ -62,16 +62,20 @@ def _fit_and_write(
     clock = time.perf_counter()
     users, user_codes = encode(interactions.user_ids)
     items, item_codes = encode(interactions.playlist_ids)
+    # As the protocol does: the inner folds split pairs, not the rows that repeat one.
+    user_codes, item_codes, weights = merge_repeats(
+        user_codes, item_codes, interactions.weights, len(items)
+    )
     fitted = fit(
         user_codes,
         item_codes,
-        interactions.weights,
+        weights,
         (len(users), len(items)),
         params,
         spill=spill / "pairings",
         progress=progress,
     )
-    del user_codes, item_codes
+    del user_codes, item_codes, weights
     seconds = time.perf_counter() - clock
 
     def contents(directory: Path) -> None:
