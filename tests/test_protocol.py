@@ -162,3 +162,19 @@ def test_without_repeats_the_rows_are_the_inputs_themselves():
     users, items, weights = np.array([0, 0, 1]), np.array([0, 1, 0]), np.ones(3, np.float32)
     merged = merge_repeats(users, items, weights, 2)
     assert all(a is b for a, b in zip(merged, (users, items, weights), strict=True))
+
+
+def test_list_metrics_by_hand():
+    from training.protocol import list_metrics
+
+    # 20 playlists; the most popular tenth is codes 3 and 0 (counts 9 and 8), of 16 users.
+    popularity = np.array([8, 1, 1, 9] + [2] * 16)
+    top = np.array([[3, 0, 5, -1], [3, 7, -1, -1]])
+    metrics = list_metrics(top, popularity, 16, k=4)
+    assert metrics.coverage == 4 / 20  # 3, 0, 5, 7
+    assert metrics.top_decile_share == 3 / 5  # 3, 0, 3 of five filled slots
+    bits = [-math.log2(9 / 16), -math.log2(8 / 16), -math.log2(2 / 16)]
+    expected = (2 * bits[0] + bits[1] + 2 * bits[2]) / 5
+    assert metrics.novelty == pytest.approx(expected)
+    empty = list_metrics(np.full((2, 4), -1), popularity, 16, k=4)
+    assert (empty.coverage, empty.top_decile_share, empty.novelty) == (0.0, 0.0, 0.0)

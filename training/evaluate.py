@@ -13,7 +13,14 @@ from inference.ranker import rank_users
 from training.fit import FittedModel, TrainParams, fit
 from training.ingest import Interactions
 from training.matrix import encode, merge_repeats, popular_fill
-from training.protocol import CUTOFF, RankingMetrics, holdout_mask, ranking_metrics
+from training.protocol import (
+    CUTOFF,
+    ListMetrics,
+    RankingMetrics,
+    holdout_mask,
+    list_metrics,
+    ranking_metrics,
+)
 
 
 @dataclass(frozen=True)
@@ -23,14 +30,23 @@ class Evaluation:
     train_seconds: float
     rows: int
     held_out: int
+    model_lists: ListMetrics | None = None
+    popularity_lists: ListMetrics | None = None
 
     def as_dict(self) -> dict:
+        lists = {}
+        for prefix, metrics in (("", self.model_lists), ("popularity_", self.popularity_lists)):
+            if metrics is not None:
+                lists[f"{prefix}coverage@10"] = round(metrics.coverage, 5)
+                lists[f"{prefix}top_decile_share@10"] = round(metrics.top_decile_share, 5)
+                lists[f"{prefix}novelty@10"] = round(metrics.novelty, 3)
         return {
             "protocol": "holdout 0.2, RandomState(0), users >= 5, full ranking",
             "recall@10": round(self.model.recall_at_10, 5),
             "ndcg@10": round(self.model.ndcg_at_10, 5),
             "popularity_recall@10": round(self.popularity.recall_at_10, 5),
             "popularity_ndcg@10": round(self.popularity.ndcg_at_10, 5),
+            **lists,
             "users_evaluated": self.model.users,
             "rows": self.rows,
             "held_out": self.held_out,
@@ -69,12 +85,16 @@ def evaluate(
     held_indptr = np.searchsorted(held_users, np.arange(shape[0] + 1))
     model_top = recommend_all(fitted, batch_users=batch_users)
     popular_top = popular_unseen(fitted.matrix, fitted.popularity, CUTOFF)
+    # The lists' reach is measured over the users the accuracy is: those with held-out rows.
+    tested = np.flatnonzero(np.diff(held_indptr) > 0)
     return Evaluation(
         model=ranking_metrics(model_top, held_indptr, held_items),
         popularity=ranking_metrics(popular_top, held_indptr, held_items),
         train_seconds=train_seconds,
         rows=len(interactions),
         held_out=int(held.sum()),
+        model_lists=list_metrics(model_top[tested], fitted.popularity, shape[0]),
+        popularity_lists=list_metrics(popular_top[tested], fitted.popularity, shape[0]),
     )
 
 

@@ -76,3 +76,34 @@ def ranking_metrics(
     if not recalls:
         return RankingMetrics(0.0, 0.0, 0)
     return RankingMetrics(float(np.mean(recalls)), float(np.mean(ndcgs)), len(recalls))
+
+
+@dataclass(frozen=True)
+class ListMetrics:
+    """What the lists show of the catalog, whatever their accuracy."""
+
+    coverage: float  # share of the catalog in at least one list
+    top_decile_share: float  # share of slots holding a playlist of the most popular tenth
+    novelty: float  # mean self-information of a slot, -log2(users holding it / users), bits
+
+
+def list_metrics(top: np.ndarray, popularity: np.ndarray, n_users: int, *, k: int = CUTOFF):
+    """Coverage, top-decile share and novelty of the ``(users, >=k)`` lists ``top`` (-1 pads).
+
+    ``popularity`` is the training count of each playlist (users holding it); the most popular
+    tenth is the first ``ceil(n / 10)`` playlists by that count, ties by code.
+    """
+    slots = np.asarray(top)[:, :k]
+    slots = slots[slots >= 0]
+    n_items = len(popularity)
+    if len(slots) == 0 or n_items == 0:
+        return ListMetrics(0.0, 0.0, 0.0)
+    head = np.argsort(-popularity, kind="stable")[: -(-n_items // 10)]
+    in_head = np.zeros(n_items, dtype=bool)
+    in_head[head] = True
+    information = -np.log2(np.maximum(popularity, 1) / max(n_users, 1))
+    return ListMetrics(
+        coverage=len(np.unique(slots)) / n_items,
+        top_decile_share=float(in_head[slots].mean()),
+        novelty=float(information[slots].mean()),
+    )

@@ -176,12 +176,20 @@ def _print_evaluation(result: dict) -> None:
     table.add_column("method")
     table.add_column("recall@10", justify="right")
     table.add_column("NDCG@10", justify="right")
-    table.add_row(
-        "popularity", f"{result['popularity_recall@10']:.4f}", f"{result['popularity_ndcg@10']:.4f}"
-    )
-    table.add_row(
-        "encore (pairing + ranker)", f"{result['recall@10']:.4f}", f"{result['ndcg@10']:.4f}"
-    )
+    reach = "coverage@10" in result
+    if reach:
+        table.add_column("coverage@10", justify="right")
+        table.add_column("top-decile share", justify="right")
+        table.add_column("novelty (bits)", justify="right")
+    for label, prefix in (("popularity", "popularity_"), ("encore (pairing + ranker)", "")):
+        row = [label, f"{result[prefix + 'recall@10']:.4f}", f"{result[prefix + 'ndcg@10']:.4f}"]
+        if reach:
+            row += [
+                f"{result[prefix + 'coverage@10']:.4f}",
+                f"{result[prefix + 'top_decile_share@10']:.3f}",
+                f"{result[prefix + 'novelty@10']:.2f}",
+            ]
+        table.add_row(*row)
     console.print(table)
     console.print(
         f"{result['users_evaluated']:,} users evaluated, {result['held_out']:,} held-out rows, "
