@@ -35,6 +35,7 @@ FEATURES = (
 # candidate (75 per user), and half the bytes is most of that cost; the dot product they feed
 # is one standardized feature among seven, where bfloat16's precision is plenty.
 TABLE_DTYPE = torch.bfloat16
+TABLE_BLOCK_ROWS = 1 << 16
 
 
 def _empty_table(rows: int, dim: int) -> torch.Tensor:
@@ -44,8 +45,15 @@ def _empty_table(rows: int, dim: int) -> torch.Tensor:
 
 
 def _table(factors: np.ndarray | torch.Tensor) -> torch.Tensor:
-    tensor = factors if isinstance(factors, torch.Tensor) else torch.from_numpy(factors)
-    return tensor.to(TABLE_DTYPE).contiguous()
+    if isinstance(factors, torch.Tensor):
+        return factors.to(TABLE_DTYPE).contiguous()
+    # By blocks: the factors may be a read-only memory map (training spills them at scale),
+    # and a block's float32 copy is all the conversion holds besides the table.
+    table = torch.empty(factors.shape, dtype=TABLE_DTYPE)
+    for start in range(0, len(factors), TABLE_BLOCK_ROWS):
+        block = np.array(factors[start : start + TABLE_BLOCK_ROWS], dtype=np.float32)
+        table[start : start + len(block)] = torch.from_numpy(block)
+    return table
 
 
 class Ranker(nn.Module):

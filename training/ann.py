@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from training.spill import release_rows
+
 logger = logging.getLogger("encore.pairing")
 
 # Approximate search (see ann_neighbours): lists per sqrt(users), lists probed per user,
@@ -29,6 +31,7 @@ ANN_KMEANS_ITERATIONS = 10
 ANN_SEED = 1234
 ANN_QUERY_BATCH = 32768
 ANN_CELLS = 1 << 18
+ANN_GROUP_ROWS = 1 << 16  # rows copied at a time when grouping users by list
 
 
 def ann_neighbours(
@@ -50,7 +53,7 @@ def ann_neighbours(
     """
     import faiss
 
-    factors = np.ascontiguousarray(user_factors, dtype=np.float32)
+    factors = np.ascontiguousarray(user_factors, dtype=np.float32)  # a memory map stays one
     n, dim = factors.shape
     queries = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
     # Positions fit int32 below 2**31 users: half the memory of the largest output.
@@ -79,6 +82,7 @@ def ann_neighbours(
         else:
             own = kmeans.index.search(factors, 1)[1][:, 0]
             query_probes = kmeans.index.search(factors[queries], probes)[1].astype(np.int32)
+        release_rows(user_factors)
     else:
         own = np.zeros(n, dtype=np.int64)
         query_probes = np.zeros((len(queries), 1), dtype=np.int32)
@@ -94,7 +98,7 @@ def ann_neighbours(
     position[order] = np.arange(n)
     query_positions = position[queries[query_order]]
     del position
-    ordered = factors[order]
+    ordered = _grouped(factors, user_factors, order)
     faiss.normalize_L2(ordered)
     full = len(queries) == n
     search = _ProbeSearch(
@@ -118,6 +122,19 @@ def ann_neighbours(
         sim[rows] = np.where(valid, scores, 0.0)
     logger.debug("ann: search in %.1fs", time.perf_counter() - clock)
     return idx, sim
+
+
+def _grouped(factors: np.ndarray, source: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``factors[order]``, read in file order: rows of a memory-mapped ``source`` are given
+    back as they are copied, so the map and the copy are never both resident."""
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    grouped = np.empty_like(factors)
+    for start in range(0, len(factors), ANN_GROUP_ROWS):
+        stop = start + ANN_GROUP_ROWS
+        grouped[position[start:stop]] = factors[start:stop]
+        release_rows(source, start, stop)
+    return grouped
 
 
 def _search_here(search: _ProbeSearch, firsts: range) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -22,6 +22,8 @@ from inference.ranker import FEATURES, Ranker, padded_candidates
 from training.matrix import activity, interaction_matrix, low_rank_factors, popularity
 from training.pairing import PairingParams, Pairings, pair_users
 from training.protocol import holdout_mask
+from training.spill import release_rows
+from training.spill import spill as spill_array
 
 logger = logging.getLogger("encore.fit")
 
@@ -77,8 +79,8 @@ def fit(
 ) -> FittedModel:
     """Fit pairing, embeddings and ranker on interactions given as integer codes.
 
-    With ``spill`` (a directory), the pairings are written there as they are made and come
-    back memory-mapped, rather than held in memory.
+    With ``spill`` (a directory), the users' factors and the pairings are written there and
+    read back memory-mapped, rather than held in memory (at 10M users: 5 GB and 7.5 GB).
     """
     report = progress or (lambda *args, **kwargs: None)
     seconds: dict[str, float] = {}
@@ -137,9 +139,14 @@ def fit(
     user_factors, item_factors = low_rank_factors(
         matrix, dim=params.dim, popularity_damping=params.popularity_damping, seed=params.seed
     )
-    pairs = pair_users(matrix, pairing, user_factors=user_factors, out=spill)
+    if spill is not None:  # read by the pairing, then by the ranker's table, never both at once
+        user_factors = spill_array(user_factors, spill / "user_factors.npy")
+    pairs = pair_users(
+        matrix, pairing, user_factors=user_factors, out=spill / "pairings" if spill else None
+    )
     pop = popularity(matrix)
     ranker.set_tables(user_factors, item_factors, activity(matrix), pop)
+    release_rows(user_factors)
     del user_factors, item_factors
     ranker.eval()
     report("pairing", 1, 1)

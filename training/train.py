@@ -72,7 +72,7 @@ def _fit_and_write(
         weights,
         (len(users), len(items)),
         params,
-        spill=spill / "pairings",
+        spill=spill,
         progress=progress,
     )
     del user_codes, item_codes, weights
