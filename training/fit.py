@@ -119,8 +119,10 @@ def fit(
                 ranker, inner_pairs, users, user_codes[held], item_codes[held], shape[1], params
             )
         )
-        del inner, factors, inner_pairs  # the next fold's arrays replace these, not add to them
-    ranker.release_tables()  # the examples hold what they need of the folds' tables
+        # The next fold's arrays replace these, not add to them; the examples hold what they
+        # need of the fold's tables.
+        del inner, factors, inner_pairs
+        ranker.release_tables()
     report("inner pairing", params.inner_folds, params.inner_folds)
     seconds["inner_pairing"] = time.perf_counter() - clock
 
