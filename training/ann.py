@@ -30,6 +30,10 @@ ANN_PROBES = 12
 ANN_KMEANS_ITERATIONS = 10
 ANN_SEED = 1234
 ANN_QUERY_BATCH = 32768
+# Queries per batch per list at least: a batch's queries meet each list they probe in one
+# product, and below a few dozen rows a product costs its call, not its arithmetic (at 10M
+# users, 32768 queries over 6,324 lists gave products of ~5 rows and a search 4x slower).
+ANN_QUERIES_PER_LIST = 64
 ANN_CELLS = 1 << 18
 ANN_GROUP_ROWS = 1 << 16  # rows copied at a time when grouping users by list
 
@@ -105,13 +109,14 @@ def ann_neighbours(
         torch.from_numpy(ordered),
         starts,
         k,
+        max(ANN_QUERY_BATCH, ANN_QUERIES_PER_LIST * lists),
         queries=None if full else torch.from_numpy(ordered[query_positions]),
         probes=query_probes,
         positions=None if full else query_positions,
     )
     del query_probes, ordered
     clock = time.perf_counter()
-    firsts = range(0, len(queries), ANN_QUERY_BATCH)
+    firsts = range(0, len(queries), search.batch)
     found_blocks = (
         _search_on_ray(search, firsts, ray_address) if ray else _search_here(search, firsts)
     )
@@ -184,17 +189,18 @@ class _ProbeSearch:
     ordered: torch.Tensor  # normalized vectors, grouped by list
     starts: np.ndarray  # first row of each list
     width: int
+    batch: int  # queries per call
     queries: torch.Tensor | None  # normalized query vectors grouped by list; None: ``ordered``
     probes: np.ndarray  # lists probed per query, its own list first
     positions: np.ndarray | None  # each query's row of ``ordered``; None: the same row
 
     def __call__(self, first: int) -> tuple[np.ndarray, np.ndarray]:
         every = self.ordered if self.queries is None else self.queries
-        last = min(len(every), first + ANN_QUERY_BATCH)
+        last = min(len(every), first + self.batch)
         n_rows = last - first
         queries = every[first:last]
         own = np.arange(first, last) if self.positions is None else self.positions[first:last]
-        pack = _ScoreKeys.plan(len(self.ordered))
+        pack = _ScoreKeys.plan(len(self.ordered), self.batch)
         floor = np.full(n_rows, -np.inf, dtype=np.float32)
         best = np.zeros(0, dtype=np.int64)
         # The own list, the second nearest, then the rest at once: floors rise early (the
@@ -228,9 +234,9 @@ class _ScoreKeys:
     score_bits: int
 
     @classmethod
-    def plan(cls, n: int) -> _ScoreKeys:
+    def plan(cls, n: int, batch: int) -> _ScoreKeys:
         position_bits = max(1, (n - 1).bit_length())
-        return cls(position_bits, 63 - position_bits - (ANN_QUERY_BATCH - 1).bit_length())
+        return cls(position_bits, 63 - position_bits - (batch - 1).bit_length())
 
     @property
     def scale(self) -> float:
