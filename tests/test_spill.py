@@ -40,9 +40,11 @@ def test_released_rows_leave_the_resident_set_and_read_back_the_same(tmp_path):
 def test_grouping_a_memory_map_equals_a_gather(tmp_path):
     factors = np.random.default_rng(1).standard_normal((150_000, 8)).astype(np.float32)
     order = np.random.default_rng(2).permutation(len(factors))
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
     mapped = spill(factors, tmp_path / "f.npy")
-    np.testing.assert_array_equal(_grouped(np.asarray(mapped), mapped, order), factors[order])
-    np.testing.assert_array_equal(_grouped(factors, factors, order), factors[order])
+    np.testing.assert_array_equal(_grouped(np.asarray(mapped), mapped, position), factors[order])
+    np.testing.assert_array_equal(_grouped(factors, factors, position), factors[order])
 
 
 @pytest.fixture(scope="module")

@@ -101,8 +101,8 @@ def ann_neighbours(
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
     query_positions = position[queries[query_order]]
+    ordered = _grouped(factors, user_factors, position)
     del position
-    ordered = _grouped(factors, user_factors, order)
     faiss.normalize_L2(ordered)
     full = len(queries) == n
     search = _ProbeSearch(
@@ -129,11 +129,10 @@ def ann_neighbours(
     return idx, sim
 
 
-def _grouped(factors: np.ndarray, source: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """``factors[order]``, read in file order: rows of a memory-mapped ``source`` are given
-    back as they are copied, so the map and the copy are never both resident."""
-    position = np.empty(len(order), dtype=np.int64)
-    position[order] = np.arange(len(order))
+def _grouped(factors: np.ndarray, source: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """``factors`` with row ``i`` moved to ``position[i]``, read in file order: rows of a
+    memory-mapped ``source`` are given back as they are copied, so the map and the copy are
+    never both resident."""
     grouped = np.empty_like(factors)
     for start in range(0, len(factors), ANN_GROUP_ROWS):
         stop = start + ANN_GROUP_ROWS
