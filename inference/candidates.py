@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 COLUMNS = ("items", "support", "neighbours")
+ITEM_SCORE = "item_score"  # a column only pairings made with an item-item model have
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class CandidateArrays:
     items: np.ndarray
     support: np.ndarray
     neighbours: np.ndarray
+    item_score: np.ndarray | None = None
 
 
 class CandidateReader:
@@ -35,7 +37,8 @@ class CandidateReader:
         self.directory = directory
         self.indptr = np.load(directory / "indptr.npy")
         self.columns: dict[str, tuple[int, int, np.dtype]] = {}
-        for name in COLUMNS:
+        self.names = COLUMNS + ((ITEM_SCORE,) if (directory / f"{ITEM_SCORE}.npy").exists() else ())
+        for name in self.names:
             path = directory / f"{name}.npy"
             header = np.load(path, mmap_mode="r")  # only to learn the data offset and dtype
             offset, dtype = header.offset, header.dtype
@@ -46,13 +49,13 @@ class CandidateReader:
     def slice(self, start: int, stop: int) -> CandidateArrays:
         """Users ``start`` to ``stop`` (codes); row 0 of the slice is user ``start``."""
         first, last = int(self.indptr[start]), int(self.indptr[stop])
-        arrays = []
-        for name in COLUMNS:
+        arrays = {}
+        for name in self.names:
             fd, offset, dtype = self.columns[name]
             size = (last - first) * dtype.itemsize
             raw = os.pread(fd, size, offset + first * dtype.itemsize)
-            arrays.append(np.frombuffer(raw, dtype=dtype))
-        return CandidateArrays(self.indptr[start : stop + 1] - first, *arrays)
+            arrays[name] = np.frombuffer(raw, dtype=dtype)
+        return CandidateArrays(self.indptr[start : stop + 1] - first, **arrays)
 
     @property
     def every_user(self) -> CandidateArrays:
@@ -60,6 +63,9 @@ class CandidateReader:
         if self._every_user is None:
             self._every_user = CandidateArrays(
                 self.indptr,
-                *(np.load(self.directory / f"{name}.npy", mmap_mode="r") for name in COLUMNS),
+                **{
+                    name: np.load(self.directory / f"{name}.npy", mmap_mode="r")
+                    for name in self.names
+                },
             )
         return self._every_user

@@ -21,11 +21,12 @@ from encore.errors import BundleError
 from inference.candidates import CandidateReader
 from inference.program import (
     DEFAULT_CANDIDATES,
+    INPUTS,
     check_scores,
     read_program,
     signature_text,
 )
-from inference.ranker import padded_candidates
+from inference.ranker import padded_candidates, padded_item_scores
 
 SHARED = ("user_ids.npy", "playlist_ids.npy", "popularity.npy", "pairings", "catalog.parquet")
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -48,7 +49,10 @@ def import_program(
     base = open_bundle(bundles_dir, like)
     candidates = int(base.metadata.get("model", {}).get("candidates", DEFAULT_CANDIDATES))
     program = read_program(source, candidates=candidates)
-    _try_on_users(program.module(), base, source, candidates=candidates)
+    takes_item_score = len(program.graph_signature.user_inputs) == len(INPUTS)
+    _try_on_users(
+        program.module(), base, source, candidates=candidates, takes_item_score=takes_item_score
+    )
     source_sha256 = _sha256(source)
     version = version or new_version(f"sha256:{source_sha256}")
     if (bundles_dir / version).exists():
@@ -81,7 +85,14 @@ def import_program(
     return write_bundle(bundles_dir, version=version, metadata=metadata, write_contents=contents)
 
 
-def _try_on_users(module: torch.nn.Module, base: Bundle, source: Path, *, candidates: int) -> None:
+def _try_on_users(
+    module: torch.nn.Module,
+    base: Bundle,
+    source: Path,
+    *,
+    candidates: int,
+    takes_item_score: bool,
+) -> None:
     """Run the program on real users of ``base``: a batch, then one of another size."""
     pairs = CandidateReader(base.pairings_dir).every_user
     warm = np.flatnonzero(np.diff(pairs.indptr) > 0)
@@ -92,9 +103,13 @@ def _try_on_users(module: torch.nn.Module, base: Bundle, source: Path, *, candid
         items, support, neighbours, mask = padded_candidates(
             pairs.indptr, pairs.items, pairs.support, pairs.neighbours, users, candidates
         )
+        inputs = [torch.from_numpy(users), items, support, neighbours, mask]
+        if takes_item_score:
+            scores = padded_item_scores(pairs.indptr, pairs.item_score, users, candidates)
+            inputs.append(torch.zeros_like(support) if scores is None else scores)
         try:
             with torch.inference_mode():
-                scores = module(torch.from_numpy(users), items, support, neighbours, mask)
+                scores = module(*inputs)
         except Exception as exc:
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BundleError(

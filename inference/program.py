@@ -4,7 +4,10 @@ A team that trains elsewhere hands over a program with the signature of the buil
 ``Ranker.forward`` (docs/architecture.md, "The inference seam")::
 
     (users int64 (B,), items int64 (B, C), support float32 (B, C), neighbours int32 (B, C),
-     mask bool (B, C)) -> scores float32 (B, C), higher is better
+     mask bool (B, C), item_score float32 (B, C)) -> scores float32 (B, C), higher is better
+
+A program of the first five inputs only (the signature before the item-item generator) is
+accepted too, and called without ``item_score``.
 
 torch.export.load unpickles some parts of an archive (tensor subclasses, custom objects, a
 fallback for the example inputs) and loads compiled code if the archive holds any, so an
@@ -31,7 +34,7 @@ from encore.bundle import PROGRAM, Bundle
 from encore.errors import BundleError
 from inference.base import ModelVersion
 from inference.candidates import CandidateArrays
-from inference.ranker import padded_candidates, top_codes
+from inference.ranker import padded_candidates, padded_item_scores, top_codes
 
 DEFAULT_CANDIDATES = 75
 # The program's inputs, in order: name, dtype, whether it has a candidate dimension.
@@ -41,7 +44,10 @@ INPUTS = (
     ("support", torch.float32, True),
     ("neighbours", torch.int32, True),
     ("mask", torch.bool, True),
+    ("item_score", torch.float32, True),
 )
+# Programs exported before item_score joined the signature take the first five inputs.
+LEGACY_INPUTS = 5
 # What a .pt2 archive written by torch.export.save may hold, below its root directory.
 # Anything else (compiled AOTInductor code, pickled legacy weights, ...) is refused by name.
 ALLOWED_ENTRY = re.compile(
@@ -152,7 +158,11 @@ def check_signature(
     )
     in_spec = program.call_spec.in_spec
     args, kwargs = tree_unflatten(list(range(in_spec.num_leaves)), in_spec)
-    fits = not kwargs and args == tuple(range(len(INPUTS))) and len(inputs) == len(INPUTS)
+    fits = (
+        not kwargs
+        and len(inputs) in (LEGACY_INPUTS, len(INPUTS))
+        and args == tuple(range(len(inputs)))
+    )
     fits = fits and all(
         isinstance(value, torch.Tensor)
         and value.dtype == dtype
@@ -238,23 +248,30 @@ class ProgramModel(ModelVersion):
         super().__init__(bundle, top_n=top_n)
         self.width = int(bundle.metadata["model"].get("candidates", DEFAULT_CANDIDATES))
         self.source = bundle.path / PROGRAM
-        self.program = read_program(self.source, candidates=self.width).module()
+        program = read_program(self.source, candidates=self.width)
+        self.takes_item_score = len(program.graph_signature.user_inputs) == len(INPUTS)
+        self.program = program.module()
 
     def rank(
         self, users: np.ndarray, candidates: CandidateArrays, rows: np.ndarray | None
     ) -> np.ndarray:
         if len(users) == 0:
             return np.full((0, self.top_n), -1, dtype=np.int64)
+        at = users if rows is None else rows
         items, support, neighbours, mask = padded_candidates(
             candidates.indptr,
             candidates.items,
             candidates.support,
             candidates.neighbours,
-            users if rows is None else rows,
+            at,
             self.width,
         )
+        inputs = [torch.from_numpy(users), items, support, neighbours, mask]
+        if self.takes_item_score:
+            scores = padded_item_scores(candidates.indptr, candidates.item_score, at, self.width)
+            inputs.append(torch.zeros_like(support) if scores is None else scores)
         with torch.inference_mode():
-            scores = self.program(torch.from_numpy(users), items, support, neighbours, mask)
+            scores = self.program(*inputs)
             check_scores(scores, self.source, users=len(users), candidates=self.width)
             # Encore masks the padded slots itself: a program need not.
             scores = scores.masked_fill(~mask | scores.isnan(), -math.inf)

@@ -3,8 +3,9 @@
 A ranker that only reorders candidates by a dot product does worse than the neighbour support
 itself, so the score is a small MLP over the pair's features: the candidate's support and its
 share of the user's best support, how many neighbours hold it, its position in support order,
-its popularity, the user's activity, and the dot product of 128-dimensional user and playlist
-embeddings (low-rank factors of the interaction matrix, kept frozen).
+its popularity, the user's activity, the dot product of 128-dimensional user and playlist
+embeddings (low-rank factors of the interaction matrix, kept frozen), and the item-item
+model's score and its share of the user's best (when the bundle's pairings carry it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ FEATURES = (
     "log_popularity",
     "log_activity",
     "embedding_dot",
+    "item_score",
+    "relative_item_score",
 )
+# Bundles written before the item-item generator name no features in their model spec.
+LEGACY_FEATURES = FEATURES[:7]
 
 
 # Embedding tables are kept in bfloat16: the nightly run gathers a 128-wide row for every
@@ -68,20 +73,25 @@ class Ranker(nn.Module):
         hidden: tuple[int, ...] = (32,),
         neighbours: int = 50,
         candidates: int = 75,
+        features: tuple[str, ...] = FEATURES,
     ) -> None:
         super().__init__()
+        unknown = [name for name in features if name not in FEATURES]
+        if unknown:
+            raise ValueError(f"unknown ranker feature {unknown[0]!r}; known: {', '.join(FEATURES)}")
         self.neighbours = neighbours
         self.candidates = candidates
+        self.feature_names = tuple(features)
         self.user_embedding = nn.Embedding(n_users, dim, _weight=_empty_table(n_users, dim))
         self.item_embedding = nn.Embedding(n_items, dim, _weight=_empty_table(n_items, dim))
         self.user_embedding.weight.requires_grad_(False)
         self.item_embedding.weight.requires_grad_(False)
         self.register_buffer("user_log_activity", torch.zeros(n_users))
         self.register_buffer("item_log_popularity", torch.zeros(n_items))
-        self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
-        self.register_buffer("feature_std", torch.ones(len(FEATURES)))
+        self.register_buffer("feature_mean", torch.zeros(len(features)))
+        self.register_buffer("feature_std", torch.ones(len(features)))
         layers: list[nn.Module] = []
-        width = len(FEATURES)
+        width = len(features)
         for size in hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
             width = size
@@ -117,10 +127,12 @@ class Ranker(nn.Module):
         items: torch.Tensor,
         support: torch.Tensor,
         neighbours: torch.Tensor,
+        item_score: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Raw (unstandardized) features, shape ``(batch, candidates, len(FEATURES))``.
+        """Raw (unstandardized) features, shape ``(batch, candidates, len(feature_names))``.
 
-        ``items`` may hold -1 in padded slots; callers mask those scores.
+        ``items`` may hold -1 in padded slots; callers mask those scores. Without
+        ``item_score`` (pairings made with no item-item model) its features are 0.
         """
         safe_items = items.clamp(min=0)
         best = support[:, :1].clamp(min=1e-6)
@@ -128,16 +140,21 @@ class Ranker(nn.Module):
         user_vectors = self.user_embedding(users)
         item_vectors = self.item_embedding(safe_items)
         dot = torch.bmm(item_vectors, user_vectors.unsqueeze(2)).squeeze(2).float()
-        columns = [
-            torch.log1p(support),
-            support / best,
-            neighbours.float() / self.neighbours,
-            position.expand_as(support),
-            self.item_log_popularity[safe_items],
-            self.user_log_activity[users].unsqueeze(1).expand_as(support),
-            dot,
-        ]
-        return torch.stack(columns, dim=-1)
+        if item_score is None:
+            item_score = torch.zeros_like(support)
+        best_item = item_score.amax(dim=1, keepdim=True).clamp(min=1e-6)
+        columns = {
+            "log_support": torch.log1p(support),
+            "relative_support": support / best,
+            "neighbour_share": neighbours.float() / self.neighbours,
+            "position": position.expand_as(support),
+            "log_popularity": self.item_log_popularity[safe_items],
+            "log_activity": self.user_log_activity[users].unsqueeze(1).expand_as(support),
+            "embedding_dot": dot,
+            "item_score": item_score,
+            "relative_item_score": item_score / best_item,
+        }
+        return torch.stack([columns[name] for name in self.feature_names], dim=-1)
 
     def forward(
         self,
@@ -146,8 +163,9 @@ class Ranker(nn.Module):
         support: torch.Tensor,
         neighbours: torch.Tensor,
         mask: torch.Tensor,
+        item_score: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        raw = self.features(users, items, support, neighbours)
+        raw = self.features(users, items, support, neighbours, item_score)
         scores = self.mlp((raw - self.feature_mean) / self.feature_std).squeeze(-1)
         return scores.masked_fill(~mask, -math.inf)
 
@@ -181,6 +199,22 @@ def padded_candidates(
     )
 
 
+def padded_item_scores(
+    indptr: np.ndarray, item_score: np.ndarray | None, users: np.ndarray, width: int
+) -> torch.Tensor | None:
+    """The item-item scores of ``users``' candidates as ``(batch, width)``, as
+    :func:`padded_candidates` lays them out (0 in padded slots); None without scores."""
+    if item_score is None:
+        return None
+    starts = indptr[users]
+    lengths = np.minimum(indptr[users + 1] - starts, width)
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    if len(item_score) == 0:
+        return torch.zeros(mask.shape, dtype=torch.float32)
+    pos = np.where(mask, starts[:, None] + np.arange(width)[None, :], 0)
+    return torch.from_numpy(np.where(mask, item_score[pos], 0.0).astype(np.float32))
+
+
 def rank_users(
     ranker: Ranker,
     pairs: Any,
@@ -195,16 +229,15 @@ def rank_users(
 
     ``rows`` are the users' rows in ``pairs`` when it holds a slice rather than every user.
     """
+    at = users if rows is None else rows
     items, support, neighbours, mask = padded_candidates(
-        pairs.indptr,
-        pairs.items,
-        pairs.support,
-        pairs.neighbours,
-        users if rows is None else rows,
-        ranker.candidates,
+        pairs.indptr, pairs.items, pairs.support, pairs.neighbours, at, ranker.candidates
+    )
+    item_score = padded_item_scores(
+        pairs.indptr, getattr(pairs, "item_score", None), at, ranker.candidates
     )
     with torch.inference_mode():
-        scores = ranker(torch.from_numpy(users), items, support, neighbours, mask)
+        scores = ranker(torch.from_numpy(users), items, support, neighbours, mask, item_score)
         return top_codes(scores, items, top_n)
 
 
@@ -229,6 +262,7 @@ def load_ranker(bundle: Bundle) -> Ranker:
         hidden=tuple(spec["hidden"]),
         neighbours=spec["neighbours"],
         candidates=spec["candidates"],
+        features=tuple(spec.get("features", LEGACY_FEATURES)),
     )
     ranker.load_state_dict(bundle.load_state_dict(), assign=True)
     ranker.user_embedding.weight.requires_grad_(False)

@@ -60,6 +60,7 @@ def build_random_bundle(
         items=_distinct_candidates(rng, lengths, playlists, candidates),
         support=np.ascontiguousarray(support),
         neighbours=rng.integers(0, 50, total, dtype=np.uint16),
+        item_score=rng.random(total, dtype=np.float32),
     )
     playlist_ids = np.arange(1, playlists + 1, dtype=np.int64)
 
@@ -96,6 +97,7 @@ def build_random_bundle(
             "hidden": [32],
             "neighbours": 50,
             "candidates": candidates,
+            "features": list(ranker.feature_names),
         },
     }
     bundle = write_bundle(bundles_dir, version=version, metadata=metadata, write_contents=contents)

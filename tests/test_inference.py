@@ -15,7 +15,7 @@ from encore.bundle import Bundle, open_bundle, write_bundle
 from encore.errors import BundleError
 from encore.settings import Settings
 from inference import ScoredBatch, load_model
-from inference.ranker import FEATURES, Ranker
+from inference.ranker import FEATURES, LEGACY_FEATURES, Ranker
 from scheduler.pool import score_in_pool
 from tests.support import train_small_bundle
 from training.pairing import Pairings
@@ -60,13 +60,15 @@ def test_codes_in_any_order_score_as_the_range_does(trained: Bundle) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _by_support_bundle(bundles_dir: Path) -> Bundle:
+def _by_support_bundle(bundles_dir: Path, *, legacy: bool = False) -> Bundle:
     """A ranker whose score is the candidate's log support, nothing else.
 
     Users 10, 20, 30 (codes 0, 1, 2); playlists 100..105 (codes 0..5). User 10 has four
-    candidates out of support order, user 20 one, user 30 none (cold).
+    candidates out of support order, user 20 one, user 30 none (cold). ``legacy``: a bundle
+    as written before the item-item generator (seven features, none named in its spec).
     """
-    ranker = Ranker(3, 6, dim=4, hidden=(), neighbours=10, candidates=5)
+    features = LEGACY_FEATURES if legacy else FEATURES
+    ranker = Ranker(3, 6, dim=4, hidden=(), neighbours=10, candidates=5, features=features)
     ranker.set_tables(
         np.ones((3, 4), np.float32), np.ones((6, 4), np.float32), np.ones(3), np.ones(6)
     )
@@ -98,6 +100,7 @@ def _by_support_bundle(bundles_dir: Path) -> Bundle:
             "hidden": [],
             "neighbours": 10,
             "candidates": 5,
+            **({} if legacy else {"features": list(FEATURES)}),
         }
     }
     return write_bundle(
@@ -119,6 +122,12 @@ def test_the_ranker_orders_by_its_score(tmp_path: Path) -> None:
         b"[101]",
         b"[102]",
     ]
+
+
+def test_a_bundle_from_before_the_item_generator_still_scores(tmp_path: Path) -> None:
+    """Seven features and no item scores in its pairings: loaded as it was trained."""
+    model = load_model(_by_support_bundle(tmp_path, legacy=True), top_n=3)
+    assert model.score(np.array([0, 1, 2])).payloads == [b"[101,100,103]", b"[102]"]
 
 
 def test_an_unknown_model_kind_is_refused_by_name(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from inference.importing import import_program
 from inference.ranker import load_ranker
 from scheduler.job import run_full
 from tests.support import publish_random_run, train_small_bundle
+from training.pairing import Pairings
 
 USERS = 300
 
@@ -179,6 +180,37 @@ class InfiniteScores(nn.Module):
         return support / torch.zeros_like(support)
 
 
+class BySupport(nn.Module):  # the signature before item_score joined it
+    def forward(self, users, items, support, neighbours, mask):
+        return support
+
+
+class ByItemScore(nn.Module):
+    def forward(self, users, items, support, neighbours, mask, item_score):
+        return item_score
+
+
+def test_programs_of_five_and_of_six_inputs_both_score(
+    trained: Bundle, bundles_dir: Path, tmp_path: Path
+) -> None:
+    """item_score joined the signature with the item-item generator; a program exported
+    before it (five inputs) still imports and scores."""
+    candidates = trained.metadata["model"]["candidates"]
+    pairs = Pairings.load(trained.pairings_dir)
+    users = np.flatnonzero(np.diff(pairs.indptr) > 0)[:50]
+    for module, inputs, column in ((BySupport(), 5, "support"), (ByItemScore(), 6, "item_score")):
+        path = tmp_path / f"{column}.pt2"
+        _export(module, path, candidates, inputs=inputs)
+        import_program(bundles_dir, path, like=trained.version, version=column)
+        scored = load_model(open_bundle(bundles_dir, column), top_n=1).score(users)
+        values = getattr(pairs, column)
+        ids = trained.playlist_ids()
+        for user, top in zip(users, scored.playlist_ids[:, 0], strict=True):
+            span = slice(pairs.indptr[user], pairs.indptr[user + 1])
+            best = pairs.items[span][np.argmax(values[span])]
+            assert top == ids[best], (column, user)
+
+
 def _export(module: nn.Module, path: Path, candidates: int, *, inputs: int = 5, dynamic=None):
     batch = torch.export.Dim("batch") if dynamic is None else dynamic
     shapes = tuple({0: batch} for _ in range(inputs)) if batch is not False else None
@@ -189,8 +221,8 @@ def _export(module: nn.Module, path: Path, candidates: int, *, inputs: int = 5, 
 REFUSALS = {
     "three inputs": (
         lambda path, c: _export(ThreeInputs(), path, c, inputs=3),
-        r"takes \(users int64 \(B,\), items int64 \(B, 75\), support float32 \(B, 75\)\); "
-        r"a program must take \(users int64 \(B,\), items int64 \(B, C\), .*C = 75",
+        r"takes \(users int64 \(B,\), items int64 \(B, {c}\), support float32 \(B, {c}\)\); "
+        r"a program must take \(users int64 \(B,\), items int64 \(B, C\), .*C = {c}",
     ),
     "(B,) scores": (
         lambda path, c: _export(BatchScores(), path, c),
@@ -198,11 +230,11 @@ REFUSALS = {
     ),
     "(B, C+1) scores": (
         lambda path, c: _export(OneSlotTooMany(), path, c),
-        r"returns float32 \(B, 76\); a program must",
+        r"returns float32 \(B, {c+1}\); a program must",
     ),
     "int64 scores": (
         lambda path, c: _export(IntegerScores(), path, c),
-        r"returns int64 \(B, 75\); a program must .* -> float32 \(B, C\)",
+        r"returns int64 \(B, {c}\); a program must .* -> float32 \(B, C\)",
     ),
     "a fixed batch size": (
         lambda path, c: _export(IntegerScores(), path, c, dynamic=False),
@@ -237,7 +269,9 @@ def test_a_program_that_breaks_the_contract_is_refused(
 ) -> None:
     make, message = REFUSALS[case]
     path = tmp_path / "bad.pt2"
-    make(path, trained.metadata["model"]["candidates"])
+    candidates = trained.metadata["model"]["candidates"]
+    make(path, candidates)
+    message = message.replace("{c}", str(candidates)).replace("{c+1}", str(candidates + 1))
     with pytest.raises(BundleError, match=message) as refusal:
         import_program(bundles_dir, path, like=trained.version)
     assert str(path) in str(refusal.value)

@@ -18,7 +18,8 @@ import scipy.sparse as sp
 import torch
 
 from encore.progress import Progress
-from inference.ranker import FEATURES, Ranker, padded_candidates
+from inference.ranker import FEATURES, Ranker, padded_candidates, padded_item_scores
+from training.items import ItemModel, ItemParams, fit_item_model
 from training.matrix import activity, interaction_matrix, low_rank_factors, popularity
 from training.pairing import PairingParams, Pairings, pair_users
 from training.protocol import holdout_mask
@@ -46,6 +47,10 @@ class TrainParams:
     popularity_damping: float = 0.3
     max_training_users: int = 100_000
     inner_folds: int = 2
+    item_method: str = "auto"  # auto | ease | knn | none: the item-item candidate generator
+    item_candidates: int = 50  # candidates per user from the item-item generator
+    ease_lambda: float = 100.0
+    ease_max_items: int = 12_000  # playlists (held by 2+ users) above which item-KNN replaces EASE
     pairing_engine: str = "local"  # local | ray: where the neighbour search runs
     ray_address: str | None = None  # where Ray is (ENCORE_RAY_ADDRESS); not a hyper-parameter
     seed: int = 0
@@ -55,6 +60,20 @@ class TrainParams:
         values.pop("ray_address")  # where it ran, not what it is
         return {**values, "features": list(FEATURES)}
 
+    @property
+    def items(self) -> ItemParams:
+        return ItemParams(
+            method=self.item_method,
+            count=self.item_candidates,
+            ease_lambda=self.ease_lambda,
+            ease_max_items=self.ease_max_items,
+        )
+
+    @property
+    def width(self) -> int:
+        """Candidates per user at most: the neighbours' cap and the item-item model's picks."""
+        return self.candidates + (self.item_candidates if self.item_method != "none" else 0)
+
 
 @dataclass
 class FittedModel:
@@ -63,6 +82,7 @@ class FittedModel:
     matrix: sp.csr_matrix  # log-weighted user x item matrix the model was fitted on
     popularity: np.ndarray  # users per item code
     params: TrainParams
+    item_model: ItemModel | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     final_loss: float = float("nan")
 
@@ -99,7 +119,7 @@ def fit(
         dim=params.dim,
         hidden=params.hidden,
         neighbours=params.neighbours,
-        candidates=params.candidates,
+        candidates=params.width,
     )
     clock = time.perf_counter()
     examples = []
@@ -112,7 +132,10 @@ def fit(
             inner, dim=params.dim, popularity_damping=params.popularity_damping, seed=params.seed
         )
         users = _example_users(user_codes[held], params, fold)
-        inner_pairs = pair_users(inner, pairing, user_factors=factors[0], rows=users)
+        inner_items = fit_item_model(inner, params.items)
+        inner_pairs = pair_users(
+            inner, pairing, user_factors=factors[0], rows=users, item_model=inner_items
+        )
         ranker.set_tables(*factors, activity(inner), popularity(inner))
         examples.append(
             _examples(
@@ -121,7 +144,7 @@ def fit(
         )
         # The next fold's arrays replace these, not add to them; the examples hold what they
         # need of the fold's tables.
-        del inner, factors, inner_pairs
+        del inner, factors, inner_pairs, inner_items
         ranker.release_tables()
     report("inner pairing", params.inner_folds, params.inner_folds)
     seconds["inner_pairing"] = time.perf_counter() - clock
@@ -143,8 +166,15 @@ def fit(
     )
     if spill is not None:  # read by the pairing, then by the ranker's table, never both at once
         user_factors = spill_array(user_factors, spill / "user_factors.npy")
+    item_clock = time.perf_counter()
+    item_model = fit_item_model(matrix, params.items)
+    seconds["item_model"] = time.perf_counter() - item_clock
     pairs = pair_users(
-        matrix, pairing, user_factors=user_factors, out=spill / "pairings" if spill else None
+        matrix,
+        pairing,
+        user_factors=user_factors,
+        out=spill / "pairings" if spill else None,
+        item_model=item_model,
     )
     pop = popularity(matrix)
     ranker.set_tables(user_factors, item_factors, activity(matrix), pop)
@@ -153,7 +183,7 @@ def fit(
     ranker.eval()
     report("pairing", 1, 1)
     seconds["pairing"] = time.perf_counter() - clock
-    return FittedModel(ranker, pairs, matrix, pop, params, seconds, loss)
+    return FittedModel(ranker, pairs, matrix, pop, params, item_model, seconds, loss)
 
 
 def _example_users(held_users: np.ndarray, params: TrainParams, fold: int) -> np.ndarray:
@@ -185,7 +215,10 @@ def _examples(
         pairs.support,
         pairs.neighbours,
         np.arange(len(users)),
-        params.candidates,
+        params.width,
+    )
+    item_score = padded_item_scores(
+        pairs.indptr, pairs.item_score, np.arange(len(users)), params.width
     )
     held_keys = np.unique(held_users.astype(np.int64) * n_items + held_items)
     keys = torch.from_numpy(users).unsqueeze(1) * n_items + items
@@ -198,7 +231,11 @@ def _examples(
     select = torch.from_numpy(chosen)
     with torch.no_grad():
         raw = ranker.features(
-            torch.from_numpy(users)[select], items[select], support[select], neighbours[select]
+            torch.from_numpy(users)[select],
+            items[select],
+            support[select],
+            neighbours[select],
+            None if item_score is None else item_score[select],
         )
     return raw, mask[select], labels[select]
 

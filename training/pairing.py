@@ -22,6 +22,7 @@ import torch
 
 from encore.progress import Progress
 from training.ann import ann_neighbours, worker_threads
+from training.items import ItemModel
 from training.matrix import popular_fill, popularity, row_normalize
 
 logger = logging.getLogger("encore.pairing")
@@ -31,6 +32,7 @@ logger = logging.getLogger("encore.pairing")
 EXACT_WORK_LIMIT = 4e9
 BLOCK_CELLS = 1 << 25  # dense cells per block: 128 MiB of float32
 PAIRING_FILES = ("indptr", "items", "support", "neighbours")
+ITEM_SCORE_FILE = "item_score"  # present when an item-item model took part
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Pairings:
     support: np.ndarray  # float32 sum of neighbour similarities (0 for popularity fill)
     neighbours: np.ndarray  # uint16 neighbours holding the item
     source: Path | None = None  # the directory the arrays are memory-mapped from
+    item_score: np.ndarray | None = None  # float32 item-item model's score, if one took part
 
     @property
     def n_users(self) -> int:
@@ -52,7 +55,8 @@ class Pairings:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        for name in PAIRING_FILES:
+        names = PAIRING_FILES + ((ITEM_SCORE_FILE,) if self.item_score is not None else ())
+        for name in names:
             if self.source is not None:
                 # Spilled pairings: linked (same file system) or copied by the kernel, never
                 # read into memory.
@@ -64,7 +68,9 @@ class Pairings:
     def load(cls, directory: Path, *, mmap: bool = True) -> Pairings:
         mode = "r" if mmap else None
         arrays = (np.load(directory / f"{name}.npy", mmap_mode=mode) for name in PAIRING_FILES)
-        return cls(*arrays, source=directory if mmap else None)
+        scores = directory / f"{ITEM_SCORE_FILE}.npy"
+        item_score = np.load(scores, mmap_mode=mode) if scores.exists() else None
+        return cls(*arrays, source=directory if mmap else None, item_score=item_score)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -96,11 +102,14 @@ def pair_users(
     user_factors: np.ndarray | None = None,
     rows: np.ndarray | None = None,
     out: Path | None = None,
+    item_model: ItemModel | None = None,
     progress: Progress | None = None,
 ) -> Pairings:
     """Neighbours and candidates for every row of the (log-weighted) interaction matrix, or
     for the sorted user codes ``rows`` only (entry ``i`` of the result is ``rows[i]``'s).
-    With ``out``, the result is written into that directory and memory-mapped."""
+    With ``out``, the result is written into that directory and memory-mapped. With an
+    ``item_model``, its best unseen playlists join the neighbours' (see
+    :func:`candidates_from_neighbours`)."""
     method = params.resolve(matrix)
     logger.debug("pairing %d users with the %s method", matrix.shape[0], method)
     if method == "exact":
@@ -118,7 +127,7 @@ def pair_users(
     else:
         raise ValueError(f"unknown pairing method {params.method!r}; use auto, exact or ann")
     return candidates_from_neighbours(
-        matrix, nbr_idx, nbr_sim, params.candidates, rows=rows, out=out
+        matrix, nbr_idx, nbr_sim, params.candidates, rows=rows, out=out, item_model=item_model
     )
 
 
@@ -162,15 +171,19 @@ def candidates_from_neighbours(
     *,
     rows: np.ndarray | None = None,
     out: Path | None = None,
+    item_model: ItemModel | None = None,
     block_users: int = 8192,
 ) -> Pairings:
     """Rank each user's unseen neighbour playlists by support; pad with popular ones.
 
-    A user whose neighbours hold nothing new gets no candidates at all (a cold user, served
-    the run's popularity fallback). Others are padded with the most popular playlists they
-    have not seen, up to ``cap``, so the ranker always has a full slate to order. Ties in
-    support go to the more popular playlist. With ``out``, the pairings are written there
-    block by block and returned memory-mapped (at 10M users they are 7.5 GB).
+    With an ``item_model``, its ``count`` best unseen playlists for the user that the
+    neighbours' ``cap`` do not already hold follow them (support 0, in popularity order), and
+    every candidate carries the model's score (``item_score``). A user with no candidate from
+    either gets none at all (a cold user, served the run's popularity fallback). Others are
+    padded with the most popular playlists they have not seen, up to ``cap``, so the ranker
+    always has a full slate to order. Ties in support go to the more popular playlist. With
+    ``out``, the pairings are written there block by block and returned memory-mapped (at 10M
+    users they are 7.5 GB).
     """
     n_items = matrix.shape[1]
     every = rows is None
@@ -193,10 +206,19 @@ def candidates_from_neighbours(
         keys = _block_keys(held, nbr_idx[start:stop], nbr_sim[start:stop], users, code)
         keys = _top_keys(keys, stop - start, cap, code)
         mine = held[start:stop] if every else held[users]  # a slice is cheaper than a gather
+        scored = None
+        if item_model is not None:
+            scored = item_model.block(matrix[start:stop] if every else matrix[users])
+            keys = _with_item_candidates(
+                keys, rank_of[np.maximum(scored.top_items, 0)], scored.top_items >= 0, code
+            )
         keys = _pad_with_popular(keys, mine, cap, code)
         ranks, support, count = code.decode(keys)
-        lengths = np.bincount(keys >> code.row_shift, minlength=stop - start)
-        return lengths, head[ranks].astype(np.int32), support, count.astype(np.uint16)
+        row = keys >> code.row_shift
+        lengths = np.bincount(row, minlength=stop - start)
+        codes = head[ranks].astype(np.int32)
+        item_score = None if scored is None else scored.lookup(row, codes)
+        return lengths, codes, support, count.astype(np.uint16), item_score
 
     starts = range(0, n_users, code.block)
     if out is not None:
@@ -206,13 +228,15 @@ def candidates_from_neighbours(
         parts = list(pool.map(block, starts))
     if not parts:
         empty = np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.uint16)
-        return Pairings(np.zeros(n_users + 1, np.int64), *empty)
+        scores = None if item_model is None else np.zeros(0, np.float32)
+        return Pairings(np.zeros(n_users + 1, np.int64), *empty, item_score=scores)
     fields = []
-    for field in range(4):  # one field at a time: the copy never doubles the whole output
-        fields.append(np.concatenate([part[field] for part in parts]))
+    for field in range(5):  # one field at a time: the copy never doubles the whole output
+        values = [part[field] for part in parts]
+        fields.append(None if values[0] is None else np.concatenate(values))
         parts = [(*part[:field], None, *part[field + 1 :]) for part in parts]
     indptr = np.r_[0, np.cumsum(fields[0])].astype(np.int64)
-    return Pairings(indptr, *fields[1:])
+    return Pairings(indptr, *fields[1:4], item_score=fields[4])
 
 
 def _in_order(work, starts: range):
@@ -229,18 +253,27 @@ def _in_order(work, starts: range):
 
 
 def _spill(parts, out: Path) -> Pairings:
-    """Write the blocks' (lengths, items, support, neighbours) as the pairing files in
-    ``out``: each field is appended to a raw file, then given its .npy header."""
+    """Write the blocks' (lengths, items, support, neighbours, item score or None) as the
+    pairing files in ``out``: each field is appended to a raw file, then given its .npy
+    header."""
     out.mkdir(parents=True, exist_ok=True)
-    dtypes = {"items": np.int32, "support": np.float32, "neighbours": np.uint16}
+    dtypes = {
+        "items": np.int32,
+        "support": np.float32,
+        "neighbours": np.uint16,
+        ITEM_SCORE_FILE: np.float32,
+    }
     raws = {name: out / f"{name}.raw" for name in dtypes}
     lengths = []
+    scored = False
     files = {name: path.open("wb") for name, path in raws.items()}
     try:
         for part in parts:
             lengths.append(part[0])
+            scored = scored or part[4] is not None
             for name, values in zip(dtypes, part[1:], strict=True):
-                files[name].write(np.ascontiguousarray(values, dtype=dtypes[name]).tobytes())
+                if values is not None:
+                    files[name].write(np.ascontiguousarray(values, dtype=dtypes[name]).tobytes())
     finally:
         for handle in files.values():
             handle.close()
@@ -248,6 +281,9 @@ def _spill(parts, out: Path) -> Pairings:
     np.save(out / "indptr.npy", np.r_[0, np.cumsum(counts)].astype(np.int64))
     total = int(counts.sum())
     for name, raw in raws.items():
+        if name == ITEM_SCORE_FILE and not scored:
+            raw.unlink()  # no item model took part
+            continue
         with (out / f"{name}.npy").open("wb") as target, raw.open("rb") as source:
             header = {"descr": np.dtype(dtypes[name]).str, "fortran_order": False}
             np.lib.format.write_array_header_1_0(target, {**header, "shape": (total,)})
@@ -364,6 +400,22 @@ def _top_keys(keys: np.ndarray, n_rows: int, cap: int, code: _KeyCode) -> np.nda
     row = keys >> code.row_shift
     first = np.searchsorted(row, np.arange(n_rows))
     return keys[np.arange(len(keys)) - first[row] < cap]
+
+
+def _with_item_candidates(
+    keys: np.ndarray, ranks: np.ndarray, valid: np.ndarray, code: _KeyCode
+) -> np.ndarray:
+    """Sorted ``keys`` joined by each row's item-model picks (popularity ranks, ``(rows,
+    count)``) that the row does not already hold, as unsupported candidates."""
+    row, col = np.nonzero(valid)
+    rank = ranks[row, col].astype(np.int64)
+    rank_mask = (1 << code.rank_bits) - 1
+    have = ((keys >> code.row_shift) << code.rank_bits) | ((keys >> code.count_bits) & rank_mask)
+    new = ~np.isin((row.astype(np.int64) << code.rank_bits) | rank, have)
+    extra = code.encode(row[new].astype(np.int64), np.int64(0), rank[new], np.int64(0))
+    merged = np.concatenate([keys, extra])
+    merged.sort()
+    return merged
 
 
 def _pad_with_popular(

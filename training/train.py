@@ -137,6 +137,8 @@ def model_spec(fitted: FittedModel) -> dict:
         "hidden": list(fitted.params.hidden),
         "neighbours": ranker.neighbours,
         "candidates": ranker.candidates,
+        "features": list(ranker.feature_names),
+        "item_model": None if fitted.item_model is None else fitted.item_model.method,
     }
 
 

@@ -7,9 +7,11 @@ VERSION defaults to the promoted bundle under ENCORE_HOME. The ranker exports as
 weights (the file holds them all: about 256 MB per million users at 128 dimensions).
 
 A team's own model exports the same way: any ``nn.Module`` whose ``forward(users, items,
-support, neighbours, mask)`` takes int64 (B,), int64 (B, C), float32 (B, C), int32 (B, C) and
-bool (B, C) tensors and returns float32 (B, C) scores, with C the candidates of the bundle it
-is imported like (``model.candidates`` in its metadata.json, 75 by default). Export it with
+support, neighbours, mask, item_score)`` takes int64 (B,), int64 (B, C), float32 (B, C), int32
+(B, C), bool (B, C) and float32 (B, C) tensors and returns float32 (B, C) scores, with C the
+candidates of the bundle it is imported like (``model.candidates`` in its metadata.json).
+``item_score`` is the item-item generator's score of each candidate (0 when the bundle has
+none); a program may also take only the first five inputs. Export it with
 ``example_inputs(...)`` below and the same ``dynamic_shapes``: the batch size must be dynamic.
 """
 
@@ -33,14 +35,15 @@ def example_inputs(batch: int, candidates: int) -> tuple[torch.Tensor, ...]:
         torch.zeros(batch, candidates, dtype=torch.float32),  # support
         torch.zeros(batch, candidates, dtype=torch.int32),  # neighbours
         torch.ones(batch, candidates, dtype=torch.bool),  # mask: true where a slot is real
+        torch.zeros(batch, candidates, dtype=torch.float32),  # item_score
     )
 
 
 def export(model: torch.nn.Module, candidates: int) -> torch.export.ExportedProgram:
     """``model`` as a program of the signature, with a dynamic batch dimension."""
     batch = torch.export.Dim("batch")
-    # Dimension 0 of all five inputs is the same batch size; C stays fixed.
-    dynamic_shapes = tuple({0: batch} for _ in range(5))
+    # Dimension 0 of all six inputs is the same batch size; C stays fixed.
+    dynamic_shapes = tuple({0: batch} for _ in range(6))
     with torch.no_grad():
         return torch.export.export(
             model.eval(), example_inputs(4, candidates), dynamic_shapes=dynamic_shapes

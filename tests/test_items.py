@@ -1,0 +1,139 @@
+"""The item-item candidate generator (training/items.py) and its merge into the pairings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from training.items import ItemParams, ease_weights, fit_item_model, knn_weights
+from training.matrix import encode, interaction_matrix
+from training.pairing import PairingParams, Pairings, pair_users
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    from training.ingest import read_interactions
+    from training.synthetic import SyntheticSpec, generate
+
+    data = generate(
+        SyntheticSpec(users=1500, playlists=400, seed=2), tmp_path_factory.mktemp("items")
+    )
+    interactions = read_interactions(data.interactions)
+    users, user_codes = encode(interactions.user_ids)
+    items, item_codes = encode(interactions.playlist_ids)
+    return interaction_matrix(
+        user_codes, item_codes, interactions.weights, (len(users), len(items))
+    )
+
+
+def _binary(matrix: sp.csr_matrix) -> np.ndarray:
+    return (matrix.toarray() > 0).astype(np.float64)
+
+
+def test_ease_weights_are_the_closed_form():
+    x = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0]], float))
+    lam = 0.5
+    p = np.linalg.inv(x.T @ x + lam * np.eye(4))
+    expected = -p / np.diag(p)[None, :]
+    np.fill_diagonal(expected, 0.0)
+    np.testing.assert_allclose(ease_weights(x, lam).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_knn_weights_keep_each_playlists_k_nearest_by_cosine(matrix):
+    binary = _binary(matrix)
+    norms = np.linalg.norm(binary, axis=0)
+    cosine = (binary.T @ binary) / np.maximum(np.outer(norms, norms), 1e-12)
+    np.fill_diagonal(cosine, 0.0)
+    weights = knn_weights(sp.csr_matrix(binary), 5)
+    assert np.diff(weights.indptr).max() <= 5
+    for row in (0, 17, 123):
+        span = slice(weights.indptr[row], weights.indptr[row + 1])
+        np.testing.assert_allclose(weights.data[span], cosine[row, weights.indices[span]], 1e-5)
+        # Nothing left out is nearer than what was kept.
+        left = np.delete(cosine[row], weights.indices[span])
+        assert left.max(initial=0) <= weights.data[span].min() + 1e-6
+
+
+@pytest.mark.parametrize("method", ["ease", "knn"])
+def test_block_scores_are_the_best_unseen_playlists_and_look_up_any_pair(matrix, method):
+    model = fit_item_model(matrix, ItemParams(method=method, count=20, ease_lambda=50.0))
+    assert model.method == method
+    binary = _binary(matrix)
+    weights = model.weights
+    dense_weights = weights.numpy() if method == "ease" else weights.toarray()
+    scores = np.zeros_like(binary)
+    scores[:, model.kept] = binary[:, model.kept] @ dense_weights
+    users = np.arange(100, 160)
+    block = model.block(matrix[users])
+    for row, user in enumerate(users):
+        picks = block.top_items[row][block.top_items[row] >= 0]
+        assert not binary[user, picks].any(), "a seen playlist was picked"
+        expected = scores[user, picks]
+        np.testing.assert_allclose(block.top_scores[row, : len(picks)], expected, rtol=1e-4)
+        assert (np.diff(expected) <= 1e-5).all(), "picks not in score order"
+        unseen = np.setdiff1d(model.kept, np.flatnonzero(binary[user]))
+        rest = np.setdiff1d(unseen, picks)
+        if len(picks) == 20 and len(rest):
+            assert scores[user, rest].max() <= expected[-1] + 1e-4
+        # Any pair, picked or not: its score; 0 for a playlist the model does not hold.
+        every = np.arange(matrix.shape[1])
+        looked = block.lookup(np.full(len(every), row), every)
+        unseen_cols = np.flatnonzero(binary[user] == 0)
+        np.testing.assert_allclose(looked[unseen_cols], scores[user, unseen_cols], atol=1e-4)
+
+
+def test_auto_chooses_ease_below_the_size_and_knn_above(matrix):
+    kept = int(((matrix.toarray() > 0).sum(axis=0) >= 2).sum())
+    assert fit_item_model(matrix, ItemParams(ease_max_items=kept)).method == "ease"
+    assert fit_item_model(matrix, ItemParams(ease_max_items=kept - 1)).method == "knn"
+    assert fit_item_model(matrix, ItemParams(method="none")) is None
+    with pytest.raises(ValueError, match="unknown item method 'als'"):
+        fit_item_model(matrix, ItemParams(method="als"))
+
+
+def _rows(pairs: Pairings, user: int):
+    span = slice(pairs.indptr[user], pairs.indptr[user + 1])
+    return (
+        pairs.items[span].tolist(),
+        pairs.support[span].tolist(),
+        pairs.item_score[span].tolist() if pairs.item_score is not None else None,
+    )
+
+
+def test_item_picks_join_the_neighbours_candidates(matrix, tmp_path):
+    params = PairingParams(neighbours=20, candidates=30, method="exact")
+    model = fit_item_model(matrix, ItemParams(method="ease", count=15))
+    alone = pair_users(matrix, params)
+    merged = pair_users(matrix, params, item_model=model)
+    assert alone.item_score is None and merged.item_score is not None
+    binary = _binary(matrix)
+    scores = np.zeros_like(binary)
+    scores[:, model.kept] = binary[:, model.kept] @ model.weights.numpy()
+    block = model.block(matrix)
+    gained = 0
+    for user in range(matrix.shape[0]):
+        items, support, item_score = _rows(merged, user)
+        assert len(items) == len(set(items)) <= 30 + 15
+        assert not binary[user, items].any()
+        supported = [i for i, s in zip(items, support, strict=True) if s > 0]
+        before = alone.items[alone.indptr[user] : alone.indptr[user + 1]]
+        before_support = alone.support[alone.indptr[user] : alone.indptr[user + 1]]
+        assert supported == before[before_support > 0].tolist()  # same, same order, first
+        assert items[: len(supported)] == supported
+        picks = block.top_items[user][block.top_items[user] >= 0]
+        assert set(picks) <= set(items), user
+        gained += len(set(picks) - set(before.tolist()))
+        np.testing.assert_allclose(item_score, scores[user, items], atol=1e-4)
+        if items:
+            assert len(items) >= min(30, matrix.shape[1] - binary[user].sum())
+    assert gained > 0, "the item model added nothing the neighbours had not"
+
+    spilled = pair_users(matrix, params, item_model=model, out=tmp_path / "spill")
+    for name in ("indptr", "items", "support", "neighbours", "item_score"):
+        np.testing.assert_array_equal(getattr(spilled, name), getattr(merged, name))
+    spilled.save(tmp_path / "bundle")
+    again = Pairings.load(tmp_path / "bundle")
+    np.testing.assert_array_equal(again.item_score, merged.item_score)
+    pair_users(matrix, params, out=tmp_path / "plain").save(tmp_path / "plain-bundle")
+    assert Pairings.load(tmp_path / "plain-bundle").item_score is None

@@ -1,0 +1,191 @@
+"""The item-item candidate generator: what a user's own playlists point to, beside what the
+user's neighbours hold.
+
+Two models over the binary user x playlist matrix, both restricted to playlists at least two
+users hold (a playlist held by one user co-occurs with nothing else):
+
+- **EASE** (Steck, 2019): ``B = I - P / diag(P)`` with ``P = (XᵀX + λI)⁻¹`` and a zero
+  diagonal, a user's scores ``x_u B``. Dense: used while the catalog fits (``ease_max_items``).
+- **item-KNN**: each playlist's ``knn_neighbours`` nearest playlists by cosine, from blocked
+  sparse products; a user's scores ``x_u S``. Sparse: used above that size.
+
+Both score a block of users at a time (:meth:`ItemModel.block`): the top ``count`` unseen
+playlists with their scores, and a lookup of the score of any (user, playlist) pair, which the
+ranker takes as a feature of every candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from training.matrix import _csr_tensor, popularity
+
+logger = logging.getLogger("encore.items")
+
+ITEM_METHODS = ("auto", "ease", "knn", "none")
+MIN_ITEM_USERS = 2
+KNN_BLOCK_ITEMS = 4096
+
+
+@dataclass(frozen=True)
+class ItemParams:
+    method: str = "auto"  # auto | ease | knn | none
+    count: int = 50  # candidates per user from this generator
+    ease_lambda: float = 100.0
+    ease_max_items: int = 12_000  # above this many playlists (held by 2+ users): item-KNN
+    knn_neighbours: int = 100
+
+    def resolve(self, kept_items: int) -> str:
+        if self.method not in ITEM_METHODS:
+            raise ValueError(f"unknown item method {self.method!r}; use {', '.join(ITEM_METHODS)}")
+        if self.method != "auto":
+            return self.method
+        return "ease" if kept_items <= self.ease_max_items else "knn"
+
+
+@dataclass(frozen=True)
+class BlockScores:
+    """A block of users' item-model scores: their best unseen playlists and a lookup."""
+
+    top_items: np.ndarray  # (n, count) item codes, -1 pads
+    top_scores: np.ndarray  # (n, count) float32
+    _dense: torch.Tensor | None  # (n, kept) scores (EASE)
+    _sparse: sp.csr_matrix | None  # (n, kept) scores (item-KNN)
+    _column: np.ndarray  # item code -> column among the kept playlists, -1 if not kept
+
+    def lookup(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The score of each (block row, item code) pair; 0 for a playlist the model skips."""
+        column = np.where(items >= 0, self._column[np.maximum(items, 0)], -1)
+        out = np.zeros(len(rows), dtype=np.float32)
+        ok = column >= 0
+        if self._dense is not None:
+            out[ok] = self._dense[torch.from_numpy(rows[ok]), torch.from_numpy(column[ok])].numpy()
+        elif self._sparse is not None and self._sparse.nnz:
+            width = self._sparse.shape[1]
+            matrix = self._sparse
+            keys = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
+            keys = keys * width + matrix.indices
+            wanted = rows[ok].astype(np.int64) * width + column[ok]
+            at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+            out[ok] = np.where(keys[at] == wanted, matrix.data[at], 0.0)
+        return out
+
+
+@dataclass
+class ItemModel:
+    """A fitted item-item model over the ``kept`` playlists (item codes)."""
+
+    method: str
+    kept: np.ndarray  # item codes the model scores
+    weights: torch.Tensor | sp.csr_matrix  # (kept, kept): EASE's B, or item-KNN's S
+    count: int
+    n_items: int
+    seconds: float = 0.0
+
+    def block(self, seen: sp.csr_matrix) -> BlockScores:
+        """Scores of a block of users, given their rows of the interaction matrix."""
+        column = np.full(self.n_items, -1, dtype=np.int64)
+        column[self.kept] = np.arange(len(self.kept))
+        binary = _binary(seen[:, self.kept])
+        count = min(self.count, len(self.kept))
+        top_items = np.full((seen.shape[0], self.count), -1, dtype=np.int64)
+        top_scores = np.zeros((seen.shape[0], self.count), dtype=np.float32)
+        if isinstance(self.weights, torch.Tensor):
+            dense = _csr_tensor(binary) @ self.weights if binary.nnz else None
+            if dense is None:
+                dense = torch.zeros(seen.shape[0], len(self.kept))
+            if count:
+                masked = dense.clone()
+                rows = np.repeat(np.arange(binary.shape[0]), np.diff(binary.indptr))
+                masked[
+                    torch.from_numpy(rows), torch.from_numpy(binary.indices.astype(np.int64))
+                ] = -torch.inf
+                values, where = torch.topk(masked, count, dim=1)
+                good = torch.isfinite(values) & (values > 0)
+                top_items[:, :count] = np.where(good, self.kept[where.numpy()], -1)
+                top_scores[:, :count] = np.where(good, values.numpy(), 0.0)
+            return BlockScores(top_items, top_scores, dense, None, column)
+        scores = (binary @ self.weights).tocsr()
+        # Seen playlists out: their products are kept only where the user has not got them.
+        scores = (scores - scores.multiply(binary)).tocsr()
+        scores.eliminate_zeros()
+        scores.sort_indices()
+        if count and scores.nnz:
+            row = np.repeat(np.arange(scores.shape[0], dtype=np.int64), np.diff(scores.indptr))
+            order = np.lexsort((-scores.data, row))
+            row_sorted = row[order]
+            rank = np.arange(len(order)) - np.searchsorted(row_sorted, row_sorted)
+            keep = rank < count
+            top_items[row_sorted[keep], rank[keep]] = self.kept[scores.indices[order[keep]]]
+            top_scores[row_sorted[keep], rank[keep]] = scores.data[order[keep]]
+        return BlockScores(top_items, top_scores, None, scores, column)
+
+
+def fit_item_model(matrix: sp.csr_matrix, params: ItemParams = ItemParams()) -> ItemModel | None:
+    """The item-item model of the (user x playlist) matrix, or None when the method is none or
+    no playlist is held by two users."""
+    clock = time.perf_counter()
+    pop = popularity(matrix)
+    kept = np.flatnonzero(pop >= MIN_ITEM_USERS)
+    method = params.resolve(len(kept))
+    if method == "none" or len(kept) == 0 or params.count == 0:
+        return None
+    binary = _binary(matrix[:, kept])
+    if method == "ease":
+        weights: torch.Tensor | sp.csr_matrix = ease_weights(binary, params.ease_lambda)
+    else:
+        weights = knn_weights(binary, params.knn_neighbours)
+    seconds = time.perf_counter() - clock
+    logger.debug("item model %s over %d playlists in %.1fs", method, len(kept), seconds)
+    return ItemModel(method, kept, weights, params.count, matrix.shape[1], seconds)
+
+
+def ease_weights(binary: sp.csr_matrix, lam: float) -> torch.Tensor:
+    """EASE's ``B`` for a binary matrix: ``I - P / diag(P)``, ``P = (XᵀX + λI)⁻¹``."""
+    gram = torch.from_numpy((binary.T @ binary).toarray().astype(np.float32))
+    gram.diagonal().add_(lam)
+    # Symmetric positive definite: a Cholesky inverse is half the work of a general one.
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    del gram
+    weights = inverse.div_(-inverse.diagonal().clone())
+    weights.diagonal().zero_()
+    return weights
+
+
+def knn_weights(binary: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Each playlist's ``k`` nearest playlists by cosine, as a sparse (kept x kept) matrix:
+    row ``j`` holds the similarities of playlist ``j``'s neighbours."""
+    n = binary.shape[1]
+    norms = np.sqrt(np.asarray(binary.sum(axis=0), dtype=np.float64).ravel())
+    scaled = (binary @ sp.diags((1.0 / np.maximum(norms, 1e-12)).astype(np.float32))).tocsc()
+    transposed = scaled.T.tocsr()
+    parts = []
+    for start in range(0, n, KNN_BLOCK_ITEMS):
+        stop = min(n, start + KNN_BLOCK_ITEMS)
+        block = (transposed[start:stop] @ scaled).tocsr()  # (items of the block) x all items
+        block.setdiag(0, k=start)
+        block.eliminate_zeros()
+        parts.append(_top_per_row(block, k))
+    return sp.vstack(parts).tocsr().astype(np.float32)
+
+
+def _top_per_row(matrix: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    row = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
+    order = np.lexsort((-matrix.data, row))
+    rank = np.arange(len(order)) - np.searchsorted(row[order], row[order])
+    keep = order[rank < k]
+    return sp.csr_matrix(
+        (matrix.data[keep], (row[keep], matrix.indices[keep])), shape=matrix.shape
+    ).tocsr()
+
+
+def _binary(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    binary = matrix.tocsr(copy=True).astype(np.float32)
+    binary.data[:] = 1.0
+    return binary
