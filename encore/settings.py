@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         None, description="Ray cluster to join (an address or auto); unset = start a local Ray."
     )
     ray_actors: int = Field(0, ge=0, description="Ray scoring actors; 0 = one per CPU Ray reports.")
+    ease_max_items: int = Field(
+        12_000,
+        ge=0,
+        description="Playlists (held by 2+ users) above which training's item-item generator "
+        "is item-KNN rather than EASE (a dense inverse of that size).",
+    )
     run_grace_seconds: int = Field(
         48 * 3600, ge=0, description="How long a replaced run stays readable (rollback window)."
     )

@@ -74,6 +74,7 @@ class Ranker(nn.Module):
         neighbours: int = 50,
         candidates: int = 75,
         features: tuple[str, ...] = FEATURES,
+        popularity_penalty: float = 0.0,
     ) -> None:
         super().__init__()
         unknown = [name for name in features if name not in FEATURES]
@@ -82,6 +83,9 @@ class Ranker(nn.Module):
         self.neighbours = neighbours
         self.candidates = candidates
         self.feature_names = tuple(features)
+        # Subtracted times log(1 + popularity) from every score: a softmax-trained score is a
+        # log-probability, so this divides each candidate's odds by its popularity**penalty.
+        self.popularity_penalty = popularity_penalty
         self.user_embedding = nn.Embedding(n_users, dim, _weight=_empty_table(n_users, dim))
         self.item_embedding = nn.Embedding(n_items, dim, _weight=_empty_table(n_items, dim))
         self.user_embedding.weight.requires_grad_(False)
@@ -167,6 +171,8 @@ class Ranker(nn.Module):
     ) -> torch.Tensor:
         raw = self.features(users, items, support, neighbours, item_score)
         scores = self.mlp((raw - self.feature_mean) / self.feature_std).squeeze(-1)
+        if self.popularity_penalty:
+            scores = scores - self.popularity_penalty * self.item_log_popularity[items.clamp(min=0)]
         return scores.masked_fill(~mask, -math.inf)
 
 
@@ -263,6 +269,7 @@ def load_ranker(bundle: Bundle) -> Ranker:
         neighbours=spec["neighbours"],
         candidates=spec["candidates"],
         features=tuple(spec.get("features", LEGACY_FEATURES)),
+        popularity_penalty=float(spec.get("popularity_penalty", 0.0)),
     )
     ranker.load_state_dict(bundle.load_state_dict(), assign=True)
     ranker.user_embedding.weight.requires_grad_(False)

@@ -37,7 +37,8 @@ def test_ease_weights_are_the_closed_form():
     p = np.linalg.inv(x.T @ x + lam * np.eye(4))
     expected = -p / np.diag(p)[None, :]
     np.fill_diagonal(expected, 0.0)
-    np.testing.assert_allclose(ease_weights(x, lam).numpy(), expected, rtol=1e-4, atol=1e-5)
+    weights = ease_weights((x.T @ x).toarray(), lam).numpy()
+    np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_knn_weights_keep_each_playlists_k_nearest_by_cosine(matrix):
@@ -137,3 +138,30 @@ def test_item_picks_join_the_neighbours_candidates(matrix, tmp_path):
     np.testing.assert_array_equal(again.item_score, merged.item_score)
     pair_users(matrix, params, out=tmp_path / "plain").save(tmp_path / "plain-bundle")
     assert Pairings.load(tmp_path / "plain-bundle").item_score is None
+
+
+def test_ease_lambda_is_chosen_on_held_out_rows(matrix):
+    """The λ kept is the one whose picks hold most of the held-out rows; given a λ, no search."""
+    from training.items import EASE_LAMBDAS, tune_item_model
+    from training.protocol import holdout_mask
+
+    coo = matrix.tocoo()
+    held = holdout_mask(coo.row, seed=5)
+    kept = sp.csr_matrix((coo.data[~held], (coo.row[~held], coo.col[~held])), shape=matrix.shape)
+    params = ItemParams(method="ease", count=20)
+    model, recall = tune_item_model(kept, params, coo.row[held], coo.col[held])
+    assert set(recall) == set(EASE_LAMBDAS)
+    assert recall[model.ease_lambda] == max(recall.values())
+    # The recall it reports is the picks' share of each user's held-out rows, recomputed here.
+    users = np.unique(coo.row[held])
+    top = model.block(kept[users]).top_items
+    shares = [
+        len(set(top[i][top[i] >= 0]) & set(coo.col[held][coo.row[held] == u]))
+        / (coo.row[held] == u).sum()
+        for i, u in enumerate(users)
+    ]
+    assert recall[model.ease_lambda] == pytest.approx(np.mean(shares), abs=1e-9)
+    fixed, tried = tune_item_model(
+        kept, ItemParams(method="ease", count=20, ease_lambda=7.0), coo.row[held], coo.col[held]
+    )
+    assert fixed.ease_lambda == 7.0 and tried == {}

@@ -32,6 +32,9 @@ class Evaluation:
     held_out: int
     model_lists: ListMetrics | None = None
     popularity_lists: ListMetrics | None = None
+    candidate_recall: dict[str, float] | None = None  # per generator, and merged
+    chosen: dict | None = None  # hyper-parameters chosen on the inner split
+    sweep: list[dict] | None = None  # the test lists at each popularity penalty (reported only)
 
     def as_dict(self) -> dict:
         lists = {}
@@ -47,6 +50,12 @@ class Evaluation:
             "popularity_recall@10": round(self.popularity.recall_at_10, 5),
             "popularity_ndcg@10": round(self.popularity.ndcg_at_10, 5),
             **lists,
+            **{
+                f"candidate_recall_{name}": round(value, 5)
+                for name, value in (self.candidate_recall or {}).items()
+            },
+            **{f"chosen_{k}": v for k, v in (self.chosen or {}).items()},
+            **({"sweep": self.sweep} if self.sweep is not None else {}),
             "users_evaluated": self.model.users,
             "rows": self.rows,
             "held_out": self.held_out,
@@ -60,8 +69,11 @@ def evaluate(
     *,
     progress: Progress | None = None,
     batch_users: int = 4096,
+    sweep: tuple[float, ...] | None = None,
 ) -> Evaluation:
-    """Hold out per the protocol, fit on the rest, and score both rankers."""
+    """Hold out per the protocol, fit on the rest, and score both rankers. With ``sweep``
+    (popularity penalties), also measure the lists each penalty would give: a trade-off to
+    look at, never used to choose (the penalty is chosen on the inner split)."""
     users, user_codes = encode(interactions.user_ids)
     items, item_codes = encode(interactions.playlist_ids)
     shape = (len(users), len(items))
@@ -95,7 +107,89 @@ def evaluate(
         held_out=int(held.sum()),
         model_lists=list_metrics(model_top[tested], fitted.popularity, shape[0]),
         popularity_lists=list_metrics(popular_top[tested], fitted.popularity, shape[0]),
+        candidate_recall=candidate_recall(fitted, held_indptr, held_items),
+        chosen=fitted.chosen,
+        sweep=None
+        if sweep is None
+        else penalty_sweep(fitted, sweep, held_indptr, held_items, batch_users=batch_users),
     )
+
+
+def penalty_sweep(
+    fitted: FittedModel,
+    penalties: tuple[float, ...],
+    held_indptr: np.ndarray,
+    held_items: np.ndarray,
+    *,
+    batch_users: int = 4096,
+) -> list[dict]:
+    """Accuracy and reach of the lists at each popularity penalty."""
+    tested = np.flatnonzero(np.diff(held_indptr) > 0)
+    chosen = fitted.ranker.popularity_penalty
+    rows = []
+    try:
+        for penalty in penalties:
+            fitted.ranker.popularity_penalty = penalty
+            top = recommend_all(fitted, batch_users=batch_users)
+            accuracy = ranking_metrics(top, held_indptr, held_items)
+            reach = list_metrics(top[tested], fitted.popularity, fitted.matrix.shape[0])
+            rows.append(
+                {
+                    "popularity_penalty": penalty,
+                    "recall@10": round(accuracy.recall_at_10, 5),
+                    "ndcg@10": round(accuracy.ndcg_at_10, 5),
+                    "coverage@10": round(reach.coverage, 5),
+                    "top_decile_share@10": round(reach.top_decile_share, 5),
+                    "novelty@10": round(reach.novelty, 3),
+                    "chosen": penalty == chosen,
+                }
+            )
+    finally:
+        fitted.ranker.popularity_penalty = chosen
+    return rows
+
+
+def candidate_recall(
+    fitted: FittedModel, held_indptr: np.ndarray, held_items: np.ndarray, *, block: int = 4096
+) -> dict[str, float]:
+    """Share of each tested user's held-out playlists among its candidates, averaged over
+    users: from the neighbours alone (supported candidates), the item-item model alone (its
+    picks), popularity alone (the most popular unseen, as many as the neighbours' cap), and
+    the merged candidates the ranker orders. The ranker can only reorder what these found."""
+    n_items = fitted.matrix.shape[1]
+    tested = np.flatnonzero(np.diff(held_indptr) > 0)
+    held_keys = np.repeat(np.arange(len(held_indptr) - 1), np.diff(held_indptr)) * n_items
+    held_keys = np.sort(held_keys + held_items)
+    pairs = fitted.pairings
+    lengths = np.diff(pairs.indptr)
+    owner = np.repeat(np.arange(pairs.n_users), lengths)
+    items = np.asarray(pairs.items, dtype=np.int64)
+    supported = np.asarray(pairs.support) > 0
+    lists = {
+        "neighbours": (owner[supported], items[supported]),
+        "merged": (owner, items),
+    }
+    if fitted.item_model is not None:
+        rows, picks = [], []
+        for start in range(0, len(tested), block):
+            users = tested[start : start + block]
+            top = fitted.item_model.block(fitted.matrix[users]).top_items
+            row, col = np.nonzero(top >= 0)
+            rows.append(users[row])
+            picks.append(top[row, col])
+        lists["item_model"] = (np.concatenate(rows), np.concatenate(picks))
+    popular = popular_unseen(
+        fitted.matrix, fitted.popularity, fitted.params.candidates, users=tested
+    )
+    row, col = np.nonzero(popular >= 0)
+    lists["popularity"] = (tested[row], popular[row, col])
+    held_counts = np.diff(held_indptr)[tested]
+    recall = {}
+    for name, (users, found) in lists.items():
+        hits = np.isin(users.astype(np.int64) * n_items + found, held_keys)
+        per_user = np.bincount(users[hits], minlength=len(held_indptr) - 1)[tested]
+        recall[name] = float(np.mean(per_user / held_counts))
+    return recall
 
 
 def recommend_all(fitted: FittedModel, *, k: int = CUTOFF, batch_users: int = 4096) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,11 @@ import torch
 
 from encore.progress import Progress
 from inference.ranker import FEATURES, Ranker, padded_candidates, padded_item_scores
-from training.items import ItemModel, ItemParams, fit_item_model
+from training.items import ItemModel, ItemParams, fit_item_model, tune_item_model
 from training.matrix import activity, interaction_matrix, low_rank_factors, popularity
 from training.pairing import PairingParams, Pairings, pair_users
 from training.protocol import holdout_mask
+from training.ranker_training import Examples, train_ranker
 from training.spill import release_rows
 from training.spill import spill as spill_array
 
@@ -49,7 +50,8 @@ class TrainParams:
     inner_folds: int = 2
     item_method: str = "auto"  # auto | ease | knn | none: the item-item candidate generator
     item_candidates: int = 50  # candidates per user from the item-item generator
-    ease_lambda: float = 100.0
+    ease_lambda: float | None = None  # None: chosen on the first inner fold
+    popularity_penalty: float | None = None  # None: chosen on the ranker's validation share
     ease_max_items: int = 12_000  # playlists (held by 2+ users) above which item-KNN replaces EASE
     pairing_engine: str = "local"  # local | ray: where the neighbour search runs
     ray_address: str | None = None  # where Ray is (ENCORE_RAY_ADDRESS); not a hyper-parameter
@@ -83,6 +85,7 @@ class FittedModel:
     popularity: np.ndarray  # users per item code
     params: TrainParams
     item_model: ItemModel | None = None
+    chosen: dict = field(default_factory=dict)  # hyper-parameters chosen on the inner split
     seconds: dict[str, float] = field(default_factory=dict)
     final_loss: float = float("nan")
 
@@ -123,6 +126,8 @@ def fit(
     )
     clock = time.perf_counter()
     examples = []
+    item_params = params.items
+    chosen: dict = {}
     for fold in range(params.inner_folds):
         report("inner pairing", fold, params.inner_folds)
         # The protocol's split rule with other seeds: inner labels never reuse test rows.
@@ -132,7 +137,18 @@ def fit(
             inner, dim=params.dim, popularity_damping=params.popularity_damping, seed=params.seed
         )
         users = _example_users(user_codes[held], params, fold)
-        inner_items = fit_item_model(inner, params.items)
+        if fold == 0:
+            inner_items, tried = tune_item_model(
+                inner, item_params, user_codes[held], item_codes[held], seed=params.seed
+            )
+            if tried:  # the λ the first fold chose serves the other folds and the final fit
+                item_params = replace(item_params, ease_lambda=inner_items.ease_lambda)
+                chosen = {
+                    "ease_lambda": inner_items.ease_lambda,
+                    "ease_lambda_inner_recall": {str(k): round(v, 5) for k, v in tried.items()},
+                }
+        else:
+            inner_items = fit_item_model(inner, item_params)
         inner_pairs = pair_users(
             inner, pairing, user_factors=factors[0], rows=users, item_model=inner_items
         )
@@ -150,12 +166,24 @@ def fit(
     seconds["inner_pairing"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    loss = _train_mlp(
+    choice = train_ranker(
         ranker,
-        *(torch.cat(parts) for parts in zip(*examples, strict=True)),
-        params=params,
+        Examples.cat(examples),
+        epochs=params.epochs,
+        batch_users=params.batch_users,
+        learning_rate=params.learning_rate,
+        seed=params.seed,
+        popularity_penalty=params.popularity_penalty,
         report=report,
     )
+    del examples
+    ranker.popularity_penalty = choice.popularity_penalty
+    chosen.update(
+        epochs=choice.epochs,
+        popularity_penalty=choice.popularity_penalty,
+        ranker_validation=choice.validation,
+    )
+    loss = choice.loss
     seconds["ranker"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -167,7 +195,7 @@ def fit(
     if spill is not None:  # read by the pairing, then by the ranker's table, never both at once
         user_factors = spill_array(user_factors, spill / "user_factors.npy")
     item_clock = time.perf_counter()
-    item_model = fit_item_model(matrix, params.items)
+    item_model = fit_item_model(matrix, item_params)
     seconds["item_model"] = time.perf_counter() - item_clock
     pairs = pair_users(
         matrix,
@@ -183,7 +211,7 @@ def fit(
     ranker.eval()
     report("pairing", 1, 1)
     seconds["pairing"] = time.perf_counter() - clock
-    return FittedModel(ranker, pairs, matrix, pop, params, item_model, seconds, loss)
+    return FittedModel(ranker, pairs, matrix, pop, params, item_model, chosen, seconds, loss)
 
 
 def _example_users(held_users: np.ndarray, params: TrainParams, fold: int) -> np.ndarray:
@@ -206,9 +234,9 @@ def _examples(
     held_items: np.ndarray,
     n_items: int,
     params: TrainParams,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw features, mask and labels of the ``users`` (``pairs`` holds theirs, in order) with a
-    held-out playlist among their candidates."""
+) -> Examples:
+    """The ``users`` (``pairs`` holds theirs, in order) with a held-out playlist among their
+    candidates, as training examples."""
     items, support, neighbours, mask = padded_candidates(
         pairs.indptr,
         pairs.items,
@@ -237,45 +265,6 @@ def _examples(
             neighbours[select],
             None if item_score is None else item_score[select],
         )
-    return raw, mask[select], labels[select]
-
-
-def _train_mlp(
-    ranker: Ranker,
-    raw: torch.Tensor,
-    mask: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    params: TrainParams,
-    report: Progress,
-) -> float:
-    if len(raw) == 0:
-        logger.warning("no user has a held-out playlist among its candidates; ranker untrained")
-        return float("nan")
-    with torch.no_grad():
-        ranker.feature_mean.copy_(raw[mask].mean(dim=0))
-        ranker.feature_std.copy_(raw[mask].std(dim=0).clamp(min=1e-6))
-    standardized = (raw - ranker.feature_mean) / ranker.feature_std
-    optimizer = torch.optim.Adam(ranker.mlp.parameters(), lr=params.learning_rate)
-    generator = torch.Generator().manual_seed(params.seed)
-    n = len(raw)
-    last = float("nan")
-    ranker.train()
-    for epoch in range(params.epochs):
-        order = torch.randperm(n, generator=generator)
-        total, batches = 0.0, 0
-        for start in range(0, n, params.batch_users):
-            b = order[start : start + params.batch_users]
-            scores = ranker.mlp(standardized[b]).squeeze(-1).masked_fill(~mask[b], -torch.inf)
-            log_p = torch.log_softmax(scores, dim=1).masked_fill(~mask[b], 0.0)
-            target = labels[b].float()
-            loss = (-(log_p * target).sum(dim=1) / target.sum(dim=1)).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            batches += 1
-        last = total / max(batches, 1)
-        report("ranker", epoch + 1, params.epochs, loss=last)
-    ranker.eval()
-    return last
+    held_count = torch.from_numpy(np.bincount(held_users, minlength=users.max(initial=0) + 1))
+    picked = torch.from_numpy(users)[select]
+    return Examples(picked, raw, mask[select], labels[select], items[select], held_count[picked])

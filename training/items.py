@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,13 +32,17 @@ logger = logging.getLogger("encore.items")
 ITEM_METHODS = ("auto", "ease", "knn", "none")
 MIN_ITEM_USERS = 2
 KNN_BLOCK_ITEMS = 4096
+# EASE's regularisation is chosen on the inner split among these (each costs one inverse).
+EASE_LAMBDAS = (25.0, 100.0, 400.0)
+TUNING_USERS = 20_000  # held-out users the choice is measured on, at most
+TUNING_BLOCK = 2048
 
 
 @dataclass(frozen=True)
 class ItemParams:
     method: str = "auto"  # auto | ease | knn | none
     count: int = 50  # candidates per user from this generator
-    ease_lambda: float = 100.0
+    ease_lambda: float | None = None  # None: chosen on an inner split (tune_item_model)
     ease_max_items: int = 12_000  # above this many playlists (held by 2+ users): item-KNN
     knn_neighbours: int = 100
 
@@ -87,6 +92,7 @@ class ItemModel:
     count: int
     n_items: int
     seconds: float = 0.0
+    ease_lambda: float = float("nan")  # EASE's λ (nan for item-KNN)
 
     def block(self, seen: sp.csr_matrix) -> BlockScores:
         """Scores of a block of users, given their rows of the interaction matrix."""
@@ -129,26 +135,77 @@ class ItemModel:
 
 def fit_item_model(matrix: sp.csr_matrix, params: ItemParams = ItemParams()) -> ItemModel | None:
     """The item-item model of the (user x playlist) matrix, or None when the method is none or
-    no playlist is held by two users."""
+    no playlist is held by two users. EASE needs ``params.ease_lambda`` set (see
+    :func:`tune_item_model`); unset, it takes the middle of ``EASE_LAMBDAS``."""
+    lam = EASE_LAMBDAS[1] if params.ease_lambda is None else params.ease_lambda
+    return next(_fit(matrix, params, [lam]), None)
+
+
+def tune_item_model(
+    matrix: sp.csr_matrix,
+    params: ItemParams,
+    held_users: np.ndarray,
+    held_items: np.ndarray,
+    *,
+    seed: int = 0,
+) -> tuple[ItemModel | None, dict[float, float]]:
+    """The item model of ``matrix`` with EASE's λ chosen among ``EASE_LAMBDAS`` (unless set):
+    the one whose picks hold most of the held-out rows ``(held_users, held_items)`` (the
+    recall of the ``count`` picks, averaged over at most ``TUNING_USERS`` of those users).
+    Returns the model and the recall of each λ tried."""
+    lambdas = [params.ease_lambda] if params.ease_lambda is not None else list(EASE_LAMBDAS)
+    users = np.unique(held_users)
+    if len(users) > TUNING_USERS:
+        users = np.sort(np.random.default_rng(seed).choice(users, TUNING_USERS, replace=False))
+    n_items = matrix.shape[1]
+    held_keys = np.unique(held_users.astype(np.int64) * n_items + held_items)
+    counts = np.bincount(held_users, minlength=matrix.shape[0])[users]
+    recall: dict[float, float] = {}
+    best = None
+    for model in _fit(matrix, params, lambdas):  # one at a time: only the best is kept
+        if len(lambdas) == 1 or model.method != "ease":
+            return model, {}
+        found = np.zeros(len(users))
+        for start in range(0, len(users), TUNING_BLOCK):
+            some = users[start : start + TUNING_BLOCK]
+            top = model.block(matrix[some]).top_items
+            hits = np.isin(some[:, None] * n_items + top, held_keys) & (top >= 0)
+            found[start : start + len(some)] = hits.sum(axis=1)
+        recall[model.ease_lambda] = float(np.mean(found / np.maximum(counts, 1)))
+        if best is None or recall[model.ease_lambda] > recall[best.ease_lambda]:
+            best = model
+    if best is not None:
+        logger.debug("EASE lambda %s chosen; recall by lambda: %s", best.ease_lambda, recall)
+    return best, recall
+
+
+def _fit(matrix: sp.csr_matrix, params: ItemParams, lambdas: list[float]) -> Iterator[ItemModel]:
+    """One model per λ (EASE), or one item-KNN model; nothing without a model."""
     clock = time.perf_counter()
     pop = popularity(matrix)
     kept = np.flatnonzero(pop >= MIN_ITEM_USERS)
     method = params.resolve(len(kept))
     if method == "none" or len(kept) == 0 or params.count == 0:
-        return None
+        return
     binary = _binary(matrix[:, kept])
-    if method == "ease":
-        weights: torch.Tensor | sp.csr_matrix = ease_weights(binary, params.ease_lambda)
-    else:
+    if method == "knn":
         weights = knn_weights(binary, params.knn_neighbours)
-    seconds = time.perf_counter() - clock
-    logger.debug("item model %s over %d playlists in %.1fs", method, len(kept), seconds)
-    return ItemModel(method, kept, weights, params.count, matrix.shape[1], seconds)
+        seconds = time.perf_counter() - clock
+        yield ItemModel(method, kept, weights, params.count, matrix.shape[1], seconds)
+        return
+    gram = (binary.T @ binary).toarray().astype(np.float32)
+    for lam in lambdas:
+        ease = ease_weights(gram, lam)
+        seconds = time.perf_counter() - clock
+        logger.debug("EASE over %d playlists, lambda %s, in %.1fs", len(kept), lam, seconds)
+        yield ItemModel(method, kept, ease, params.count, matrix.shape[1], seconds, lam)
+        clock = time.perf_counter()
 
 
-def ease_weights(binary: sp.csr_matrix, lam: float) -> torch.Tensor:
-    """EASE's ``B`` for a binary matrix: ``I - P / diag(P)``, ``P = (XᵀX + λI)⁻¹``."""
-    gram = torch.from_numpy((binary.T @ binary).toarray().astype(np.float32))
+def ease_weights(gram: np.ndarray, lam: float) -> torch.Tensor:
+    """EASE's ``B`` from the Gram matrix ``XᵀX`` of a binary matrix: ``I - P / diag(P)``,
+    ``P = (XᵀX + λI)⁻¹``."""
+    gram = torch.tensor(gram, dtype=torch.float32)  # a copy: the caller's serves every λ
     gram.diagonal().add_(lam)
     # Symmetric positive definite: a Cholesky inverse is half the work of a general one.
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))

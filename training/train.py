@@ -98,6 +98,7 @@ def _fit_and_write(
             "matrix_entries": int(fitted.matrix.nnz),
         },
         "hyperparameters": params.as_dict(),
+        "chosen_hyperparameters": fitted.chosen,
         "model": model_spec(fitted),
         "metrics": evaluation.as_dict() if evaluation else {},
         "training": {
@@ -138,6 +139,7 @@ def model_spec(fitted: FittedModel) -> dict:
         "neighbours": ranker.neighbours,
         "candidates": ranker.candidates,
         "features": list(ranker.feature_names),
+        "popularity_penalty": ranker.popularity_penalty,
         "item_model": None if fitted.item_model is None else fitted.item_model.method,
     }
 

@@ -20,6 +20,29 @@ ColumnsOpt = Annotated[
     typer.Option(help="Names for a header-less file, e.g. user_id,playlist_id,weight (_ skips)."),
 ]
 SepOpt = Annotated[str | None, typer.Option(help="Field separator; default from the suffix.")]
+ItemMethodOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--item-method",
+        help="Item-item candidate generator: auto (EASE up to ENCORE_EASE_MAX_ITEMS playlists, "
+        "item-KNN above), ease, knn or none [auto].",
+    ),
+]
+ItemCandidatesOpt = Annotated[
+    int | None, typer.Option(min=0, help="Candidates per user from the item-item generator [50].")
+]
+PenaltyOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        help="Popularity penalty of the ranking (score - penalty * log(1 + popularity)); "
+        "unset: chosen on the ranker's validation share.",
+    ),
+]
+EaseLambdaOpt = Annotated[
+    float | None,
+    typer.Option(min=0.0, help="EASE's regularisation; unset: chosen on an inner split."),
+]
 
 
 def _columns(value: str | None) -> list[str] | None:
@@ -58,6 +81,17 @@ def _train_params(**overrides: object):
     return TrainParams(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _item_method(name: str | None) -> str | None:
+    from encore.errors import EncoreError
+    from training.items import ITEM_METHODS
+
+    if name is not None and name not in ITEM_METHODS:
+        raise EncoreError(
+            f"unknown --item-method {name!r}: choose one of {', '.join(ITEM_METHODS)}"
+        )
+    return name
+
+
 def _engine(name: str) -> str:
     from encore.errors import EncoreError
     from encore.settings import ENGINES
@@ -86,6 +120,10 @@ def train(
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
+    item_method: ItemMethodOpt = None,
+    item_candidates: ItemCandidatesOpt = None,
+    ease_lambda: EaseLambdaOpt = None,
+    popularity_penalty: PenaltyOpt = None,
     run_evaluation: Annotated[
         bool, typer.Option("--evaluate/--no-evaluate", help="Also run the quality protocol.")
     ] = True,
@@ -109,6 +147,11 @@ def train(
         seed=seed,
         pairing_engine=_engine(engine or settings.engine),
         ray_address=settings.ray_address,
+        item_method=_item_method(item_method),
+        item_candidates=item_candidates,
+        ease_lambda=ease_lambda,
+        popularity_penalty=popularity_penalty,
+        ease_max_items=settings.ease_max_items,
     )
     with stage_progress() as progress:
         bundle, evaluation = train_bundle(
@@ -139,6 +182,19 @@ def evaluate(
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     pairing: Annotated[str | None, typer.Option(help="auto, exact or ann [auto].")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    item_method: ItemMethodOpt = None,
+    item_candidates: ItemCandidatesOpt = None,
+    ease_lambda: EaseLambdaOpt = None,
+    popularity_penalty: PenaltyOpt = None,
+    sweep: Annotated[
+        bool,
+        typer.Option(
+            "--sweep",
+            help="Also measure every popularity penalty on the test lists: a table, and a PNG "
+            "of recall@10 against coverage@10 (under ENCORE_HOME/reports unless --plot).",
+        ),
+    ] = False,
+    plot: Annotated[Path | None, typer.Option(help="Where --sweep writes its PNG.")] = None,
 ) -> None:
     """Run the quality protocol: recall@10 and NDCG@10 of the model and of popularity.
 
@@ -147,6 +203,8 @@ def evaluate(
     """
     from training.evaluate import evaluate as run_evaluate
     from training.ingest import read_interactions
+    from training.ranker_training import PENALTIES
+    from training.sweep_plot import plot_sweep
     from training.train import find_bundle_for
 
     data = read_interactions(interactions, columns=_columns(columns), sep=_sep(sep))
@@ -157,10 +215,22 @@ def evaluate(
         epochs=epochs,
         pairing_method=pairing,
         seed=seed,
+        item_method=_item_method(item_method),
+        item_candidates=item_candidates,
+        ease_lambda=ease_lambda,
+        popularity_penalty=popularity_penalty,
+        ease_max_items=get_settings().ease_max_items,
     )
+    penalties = PENALTIES if sweep else None
     with stage_progress() as progress:
-        result = run_evaluate(data, params, progress=progress).as_dict()
+        result = run_evaluate(data, params, progress=progress, sweep=penalties).as_dict()
     _print_evaluation(result)
+    if sweep:
+        _print_sweep(result["sweep"])
+        path = plot or get_settings().home / "reports" / f"sweep-{_stamp()}.png"
+        name = Path(interactions).name
+        plot_sweep(result["sweep"], path, title=f"{name}: popularity penalty (quality protocol)")
+        console.print(f"trade-off plot written to {path}")
     hyperparameters = json.loads(json.dumps(params.as_dict()))  # as the metadata holds them
     bundle = find_bundle_for(get_settings().bundles_dir, data.fingerprint, hyperparameters)
     if bundle is not None:
@@ -169,6 +239,29 @@ def evaluate(
     else:
         console.print("not stored: no bundle was trained on this data with these hyper-parameters")
     print(json.dumps(result), flush=True)
+
+
+def _stamp() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _print_sweep(rows: list[dict]) -> None:
+    table = Table(title="Popularity penalty: the test lists at each (reported, not chosen here)")
+    for column in ("penalty", "recall@10", "NDCG@10", "coverage@10", "top-decile", "novelty"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        mark = " (chosen)" if row["chosen"] else ""
+        table.add_row(
+            f"{row['popularity_penalty']:g}{mark}",
+            f"{row['recall@10']:.4f}",
+            f"{row['ndcg@10']:.4f}",
+            f"{row['coverage@10']:.4f}",
+            f"{row['top_decile_share@10']:.3f}",
+            f"{row['novelty@10']:.2f}",
+        )
+    console.print(table)
 
 
 def _print_evaluation(result: dict) -> None:
@@ -191,6 +284,30 @@ def _print_evaluation(result: dict) -> None:
             ]
         table.add_row(*row)
     console.print(table)
+    found = {
+        k.removeprefix("candidate_recall_"): v
+        for k, v in result.items()
+        if k.startswith("candidate_recall_")
+    }
+    if found:
+        candidates = Table(title="Candidates: share of the held-out playlists they hold")
+        for name in found:
+            candidates.add_column(name.replace("_", " "), justify="right")
+        candidates.add_row(*(f"{value:.4f}" for value in found.values()))
+        console.print(candidates)
+    chosen = {
+        label: result[key]
+        for label, key in (
+            ("EASE λ", "chosen_ease_lambda"),
+            ("epochs", "chosen_epochs"),
+            ("popularity penalty", "chosen_popularity_penalty"),
+        )
+        if key in result
+    }
+    if chosen:
+        console.print(
+            "chosen on the inner split: " + ", ".join(f"{k} {v:g}" for k, v in chosen.items())
+        )
     console.print(
         f"{result['users_evaluated']:,} users evaluated, {result['held_out']:,} held-out rows, "
         f"fit in {result['train_seconds']:.1f} s"

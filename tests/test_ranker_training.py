@@ -1,0 +1,142 @@
+"""What the ranker's validation share chooses (training/ranker_training.py), and what
+`encore evaluate` reports of it: the candidates' recall per generator and the penalty sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from encore.cli import app
+from inference.ranker import FEATURES, Ranker
+from training.evaluate import evaluate
+from training.fit import TrainParams
+from training.ingest import read_interactions
+from training.ranker_training import PENALTIES, RECALL_TOLERANCE, Examples, train_ranker
+from training.synthetic import SyntheticSpec, generate
+
+
+def _examples(users: int = 600, width: int = 12, seed: int = 0) -> Examples:
+    """Held-out playlists are those with a high hidden score (feature 0) and, among the
+    rest, slightly more often the popular ones."""
+    rng = np.random.default_rng(seed)
+    raw = torch.from_numpy(rng.normal(size=(users, width, len(FEATURES))).astype(np.float32))
+    log_popularity = torch.from_numpy(rng.uniform(0, 8, size=(users, width)).astype(np.float32))
+    raw[..., FEATURES.index("log_popularity")] = log_popularity
+    signal = raw[..., 0] + 0.2 * log_popularity
+    labels = signal >= torch.topk(signal, 2, dim=1).values[:, -1:]
+    items = torch.from_numpy(rng.integers(0, 500, size=(users, width)))
+    return Examples(
+        torch.arange(users),
+        raw,
+        torch.ones(users, width, dtype=torch.bool),
+        labels,
+        items,
+        torch.full((users,), 2),
+    )
+
+
+def _train(examples: Examples, penalty: float | None):
+    ranker = Ranker(10, 500, dim=4, hidden=(8,), candidates=examples.raw.shape[1])
+    choice = train_ranker(
+        ranker,
+        examples,
+        epochs=6,
+        batch_users=64,
+        learning_rate=1e-2,
+        seed=0,
+        popularity_penalty=penalty,
+        report=lambda *a, **k: None,
+    )
+    return ranker, choice
+
+
+def test_the_penalty_is_the_largest_within_the_tolerance_of_the_best_recall():
+    _, choice = _train(_examples(), None)
+    table = choice.validation["by_popularity_penalty"]
+    assert set(table) == {str(p) for p in PENALTIES}
+    best = max(row["recall@10"] for row in table.values())
+    allowed = [
+        float(p)
+        for p, row in table.items()
+        if row["recall@10"] >= best * (1 - RECALL_TOLERANCE) - 1e-5
+    ]
+    assert choice.popularity_penalty == max(allowed)
+    # The epoch kept is the validation's best one.
+    by_epoch = choice.validation["recall@10_by_epoch"]
+    assert len(by_epoch) == 6
+    assert by_epoch[choice.epochs - 1] == max(by_epoch)
+    assert choice.validation["users"] == int(600 * 0.15)
+
+
+def test_a_given_penalty_is_kept_and_applied_by_the_ranker():
+    _, choice = _train(_examples(), 0.3)
+    assert choice.popularity_penalty == 0.3
+    assert list(choice.validation["by_popularity_penalty"]) == ["0.3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    generated = generate(
+        SyntheticSpec(users=1200, playlists=300, seed=4), tmp_path_factory.mktemp("sweep")
+    )
+    return generated.interactions
+
+
+def test_candidate_recall_per_generator(data):
+    result = evaluate(read_interactions(data), TrainParams(dim=16, epochs=2)).as_dict()
+    found = {k: v for k, v in result.items() if k.startswith("candidate_recall_")}
+    assert set(found) == {
+        "candidate_recall_neighbours",
+        "candidate_recall_item_model",
+        "candidate_recall_popularity",
+        "candidate_recall_merged",
+    }
+    # The merged candidates hold the neighbours' and the item model's picks, and more.
+    assert found["candidate_recall_merged"] >= found["candidate_recall_neighbours"]
+    assert found["candidate_recall_merged"] >= found["candidate_recall_item_model"]
+    assert 0 < found["candidate_recall_popularity"] < 1
+    assert result["recall@10"] <= found["candidate_recall_merged"]
+    assert result["chosen_ease_lambda"] in (25.0, 100.0, 400.0)
+
+
+def test_evaluate_sweep_prints_the_trade_off_and_draws_it(data, tmp_path):
+    runner = CliRunner()
+    plot = tmp_path / "sweep.png"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "-i",
+            str(data),
+            "--dim",
+            "16",
+            "--epochs",
+            "2",
+            "--sweep",
+            "--plot",
+            str(plot),
+        ],
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = metrics["sweep"]
+    assert [row["popularity_penalty"] for row in rows] == list(PENALTIES)
+    (chosen,) = [row for row in rows if row["chosen"]]
+    assert chosen["popularity_penalty"] == metrics["chosen_popularity_penalty"]
+    # The sweep's row at the chosen penalty is the evaluation itself.
+    assert chosen["recall@10"] == metrics["recall@10"]
+    assert chosen["coverage@10"] == metrics["coverage@10"]
+    assert "test lists at each" in result.output and "trade-off plot written to" in result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without --plot, the PNG goes under ENCORE_HOME/reports.
+    again = runner.invoke(
+        app, ["evaluate", "-i", str(data), "--dim", "16", "--epochs", "1", "--sweep"]
+    )
+    assert again.exit_code == 0, again.output
+    assert list((Path(os.environ["ENCORE_HOME"]) / "reports").glob("sweep-*.png"))
