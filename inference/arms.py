@@ -89,6 +89,7 @@ def _with_cold(batch: ScoredBatch, cold_ids: np.ndarray, version: str) -> Scored
         deciles=batch.deciles,
         seconds=batch.seconds,
         by_version={version: batch.by_version.get(version, 0) + len(cold_ids)},
+        listed_cold=batch.listed_cold,
     )
 
 
@@ -106,4 +107,5 @@ def _merge(parts: list[ScoredBatch]) -> ScoredBatch:
         deciles=sum((p.deciles for p in parts), np.zeros(10, dtype=np.int64)),
         seconds=sum(p.seconds for p in parts),
         by_version=by_version,
+        listed_cold=sum(p.listed_cold for p in parts),
     )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
 from encore.bundle import Bundle
 from inference.candidates import CandidateArrays, CandidateReader
-from inference.lists import encode_lists, popularity_deciles
+from inference.lists import complete_with_popular, encode_lists, popularity_deciles
 
 # A batch of users: a contiguous range of user codes (a full run's batches), or user codes.
 Users = range | np.ndarray
@@ -23,10 +24,20 @@ class ScoredBatch:
     user_ids: np.ndarray  # int64 ids of the users with a list
     playlist_ids: np.ndarray | None  # (len(user_ids), top_n) int64, -1 past a list's end
     payloads: list[bytes]  # JSON bytes of each list (``[12,7,3]``), aligned with user_ids
-    cold_user_ids: np.ndarray  # users without candidates: they read the run's fallback
+    cold_user_ids: np.ndarray  # users without candidates (cold), listed or not
     deciles: np.ndarray  # recommended playlists per popularity decile (1 = most popular)
     seconds: float
     by_version: dict[str, int] = field(default_factory=dict)  # users scored per model version
+    # Cold users among user_ids: with its users' seen playlists, a bundle lists the popular
+    # ones a cold user has not seen; the others read the run's fallback.
+    listed_cold: int = 0
+
+    @property
+    def unlisted_user_ids(self) -> np.ndarray:
+        """Cold users without a list of their own: they read the run's fallback."""
+        if self.listed_cold == 0:
+            return self.cold_user_ids
+        return np.setdiff1d(self.cold_user_ids, self.user_ids)
 
     def for_store(self) -> ScoredBatch:
         """Without the id matrix: what a scoring process sends back to the one that writes."""
@@ -35,8 +46,9 @@ class ScoredBatch:
     def counts(self) -> BatchCounts:
         """What a run counts of this batch, without its lists."""
         return BatchCounts(
-            lists=len(self.user_ids),
+            lists=len(self.user_ids) - self.listed_cold,
             cold=len(self.cold_user_ids),
+            listed_cold=self.listed_cold,
             deciles=self.deciles,
             seconds=self.seconds,
             by_version=dict(self.by_version),
@@ -48,19 +60,23 @@ class BatchCounts:
     """A scored batch as a run counts it: all that travels back from an engine whose workers
     write the lists to the online store themselves."""
 
-    lists: int  # users with a list
-    cold: int  # users without candidates
+    lists: int  # users with a personal list (from their candidates)
+    cold: int  # users without candidates (with a popular list of what they have not seen, or
+    # the run's fallback)
     deciles: np.ndarray
     seconds: float  # scoring, plus writing when the worker wrote
     by_version: dict[str, int] = field(default_factory=dict)
+    listed_cold: int = 0  # cold users given a popular list of their own
 
 
 class ModelVersion(ABC):
     """A model version loaded once per process: user codes in, top-n lists out.
 
     A kind implements :meth:`rank`, the top-n playlist codes of a batch of users from their
-    candidates; reading the candidates, mapping codes to ids, encoding the lists and counting
-    their popularity deciles are the same for every kind.
+    candidates; reading the candidates, completing short lists with the most popular playlists
+    the user has not seen (when the bundle keeps what users have seen, as the quality protocol
+    measures it), mapping codes to ids, encoding the lists and counting their popularity
+    deciles are the same for every kind.
     """
 
     def __init__(self, bundle: Bundle, *, top_n: int) -> None:
@@ -69,7 +85,9 @@ class ModelVersion(ABC):
         self.user_ids = np.asarray(bundle.user_ids())
         self.playlist_ids = np.asarray(bundle.playlist_ids())
         self.candidates = CandidateReader(bundle.pairings_dir)
-        self.decile = popularity_deciles(bundle.popularity())
+        popularity = bundle.popularity()
+        self.decile = popularity_deciles(popularity)
+        self.seen = SeenItems.load(bundle.path / SEEN_DIR, popularity)
 
     @property
     def version(self) -> str:
@@ -105,6 +123,9 @@ class ModelVersion(ABC):
             if keep is not None:
                 codes = codes[keep]
             top = self.rank(codes, self.candidates.every_user, None)
+        personal = top[:, 0] >= 0
+        if self.seen is not None:
+            top = self.seen.complete(codes, top)
         has_list = top[:, 0] >= 0
         warm = top[has_list]
         valid = warm >= 0
@@ -114,8 +135,47 @@ class ModelVersion(ABC):
             user_ids=self.user_ids[codes[has_list]],
             playlist_ids=ids,
             payloads=encode_lists(ids, valid),
-            cold_user_ids=self.user_ids[codes[~has_list]],
+            cold_user_ids=self.user_ids[codes[~personal]],
             deciles=deciles.astype(np.int64),
             seconds=time.perf_counter() - clock,
             by_version={self.version: len(codes)},
+            listed_cold=int((has_list & ~personal).sum()),
         )
+
+
+SEEN_DIR = "seen"  # in a bundle: each user's training playlists, CSR (indptr, items)
+
+
+@dataclass(frozen=True)
+class SeenItems:
+    """Each user's training playlists, memory-mapped, as popularity ranks on demand."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+    head: np.ndarray  # item codes by popularity, most popular first (ties by code)
+    rank_of: np.ndarray
+
+    @classmethod
+    def load(cls, directory: Path, popularity: np.ndarray) -> SeenItems | None:
+        if not (directory / "indptr.npy").exists():
+            return None  # a bundle written before it kept them
+        head = np.argsort(-np.asarray(popularity), kind="stable")
+        rank_of = np.empty(len(head), dtype=np.int64)
+        rank_of[head] = np.arange(len(head))
+        return cls(
+            np.load(directory / "indptr.npy", mmap_mode="r"),
+            np.load(directory / "items.npy", mmap_mode="r"),
+            head,
+            rank_of,
+        )
+
+    def complete(self, codes: np.ndarray, top: np.ndarray) -> np.ndarray:
+        """``top`` with its free (-1) slots taken by popular playlists the user has not seen."""
+        if not (top < 0).any():
+            return top
+        starts = np.asarray(self.indptr[codes], dtype=np.int64)
+        lengths = np.asarray(self.indptr[codes + 1], dtype=np.int64) - starts
+        indptr = np.r_[0, np.cumsum(lengths)]
+        positions = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+        ranks = self.rank_of[np.asarray(self.items[positions], dtype=np.int64)]
+        return complete_with_popular(top, indptr, ranks, self.head)

@@ -151,13 +151,15 @@ class ScoreAndWrite:
 
     def _write(self, result: ScoredBatch) -> None:
         self.persist(self.store.write_batch, self.write_into, result.user_ids, result.payloads)
-        if self.delete_cold and len(result.cold_user_ids):
-            self.persist(self.store.delete_users, self.write_into, result.cold_user_ids)
+        unlisted = result.unlisted_user_ids
+        if self.delete_cold and len(unlisted):
+            self.persist(self.store.delete_users, self.write_into, unlisted)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score a block's batches, each written while the next is scored (as the pool's parent
         writes while its workers score); every write has landed when the counts go back."""
-        out: dict[str, list] = {"lists": [], "cold": [], "deciles": [], "seconds": []}
+        out: dict[str, list] = {"lists": [], "cold": [], "listed_cold": [], "deciles": []}
+        out["seconds"] = []
         out["by_version"] = []
         writing: Future | None = None
         for users in _users(batch):
@@ -166,8 +168,10 @@ class ScoreAndWrite:
             if writing is not None:
                 writing.result()
             writing = self.writer.submit(self._write, result)
-            out["lists"].append(len(result.user_ids))
-            out["cold"].append(len(result.cold_user_ids))
+            counts = result.counts()
+            out["lists"].append(counts.lists)
+            out["cold"].append(counts.cold)
+            out["listed_cold"].append(counts.listed_cold)
             out["deciles"].append(result.deciles)
             out["seconds"].append(time.perf_counter() - clock)
             out["by_version"].append(json.dumps(result.by_version))
@@ -176,6 +180,7 @@ class ScoreAndWrite:
         return {
             "lists": np.asarray(out["lists"], dtype=np.int64),
             "cold": np.asarray(out["cold"], dtype=np.int64),
+            "listed_cold": np.asarray(out["listed_cold"], dtype=np.int64),
             "deciles": np.stack(out["deciles"]).astype(np.int64),
             "seconds": np.asarray(out["seconds"], dtype=np.float64),
             "by_version": np.asarray(out["by_version"], dtype=object),
@@ -202,6 +207,7 @@ def _counts(row: dict) -> BatchCounts:
     return BatchCounts(
         lists=int(row["lists"]),
         cold=int(row["cold"]),
+        listed_cold=int(row["listed_cold"]),
         deciles=np.asarray(row["deciles"], dtype=np.int64),
         seconds=float(row["seconds"]),
         by_version=json.loads(row["by_version"]),

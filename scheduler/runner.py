@@ -40,6 +40,7 @@ LOCK_CHECK_SECONDS = 2.0
 class Totals:
     lists: int = 0
     cold: int = 0
+    listed_cold: int = 0  # cold users with a list of their own (the rest read the fallback)
     deciles: np.ndarray = field(default_factory=lambda: np.zeros(10, dtype=np.int64))
     by_version: Counter = field(default_factory=Counter)
 
@@ -114,7 +115,8 @@ class RunExecution:
                     self.store.publish,
                     self.run_id,
                     users_total=plan.users_total,
-                    cold_users=totals.cold,
+                    # The store counts users without a list of their own.
+                    cold_users=totals.cold - totals.listed_cold,
                     grace_seconds=self.settings.run_grace_seconds,
                 )
         except BaseException as exc:
@@ -153,14 +155,16 @@ class RunExecution:
         def on_result(result: ScoredBatch) -> None:
             write_clock = time.perf_counter()
             self.persist(self.store.write_batch, plan.write_into, result.user_ids, result.payloads)
-            if not plan.flip and len(result.cold_user_ids):
-                self.persist(self.store.delete_users, plan.write_into, result.cold_user_ids)
+            unlisted = result.unlisted_user_ids
+            if not plan.flip and len(unlisted):
+                self.persist(self.store.delete_users, plan.write_into, unlisted)
             counts = result.counts()
             count(replace(counts, seconds=counts.seconds + time.perf_counter() - write_clock))
 
         def count(counts: BatchCounts) -> None:
             totals.lists += counts.lists
             totals.cold += counts.cold
+            totals.listed_cold += counts.listed_cold
             totals.deciles += counts.deciles
             totals.by_version.update(counts.by_version)
             if self.metrics:

@@ -9,10 +9,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from encore.progress import Progress
+from inference.lists import complete_with_popular
 from inference.ranker import rank_users
 from training.fit import FittedModel, TrainParams, fit
 from training.ingest import Interactions
-from training.matrix import encode, merge_repeats, popular_fill
+from training.matrix import encode, merge_repeats
 from training.protocol import (
     CUTOFF,
     ListMetrics,
@@ -63,6 +64,40 @@ class Evaluation:
         }
 
 
+@dataclass(frozen=True)
+class Split:
+    """The protocol's split of a data set, and the pipeline fitted on its training rows."""
+
+    fitted: FittedModel
+    user_ids: np.ndarray  # by user code
+    playlist_ids: np.ndarray  # by item code
+    held_indptr: np.ndarray  # user code -> its held-out rows in held_items
+    held_items: np.ndarray
+    seconds: float
+
+
+def fit_split(
+    interactions: Interactions, params: TrainParams, *, progress: Progress | None = None
+) -> Split:
+    """Hold out per the protocol and fit on the rest."""
+    users, user_codes = encode(interactions.user_ids)
+    items, item_codes = encode(interactions.playlist_ids)
+    shape = (len(users), len(items))
+    user_codes, item_codes, weights = merge_repeats(
+        user_codes, item_codes, interactions.weights, shape[1]
+    )
+    held = holdout_mask(user_codes)
+    clock = time.perf_counter()
+    fitted = fit(
+        user_codes[~held], item_codes[~held], weights[~held], shape, params, progress=progress
+    )
+    seconds = time.perf_counter() - clock
+    order = np.argsort(user_codes[held], kind="stable")
+    held_users = user_codes[held][order]
+    held_indptr = np.searchsorted(held_users, np.arange(shape[0] + 1))
+    return Split(fitted, users.ids, items.ids, held_indptr, item_codes[held][order], seconds)
+
+
 def evaluate(
     interactions: Interactions,
     params: TrainParams = TrainParams(),
@@ -74,27 +109,9 @@ def evaluate(
     """Hold out per the protocol, fit on the rest, and score both rankers. With ``sweep``
     (popularity penalties), also measure the lists each penalty would give: a trade-off to
     look at, never used to choose (the penalty is chosen on the inner split)."""
-    users, user_codes = encode(interactions.user_ids)
-    items, item_codes = encode(interactions.playlist_ids)
-    shape = (len(users), len(items))
-    user_codes, item_codes, weights = merge_repeats(
-        user_codes, item_codes, interactions.weights, shape[1]
-    )
-    held = holdout_mask(user_codes)
-    clock = time.perf_counter()
-    fitted = fit(
-        user_codes[~held],
-        item_codes[~held],
-        weights[~held],
-        shape,
-        params,
-        progress=progress,
-    )
-    train_seconds = time.perf_counter() - clock
-    order = np.argsort(user_codes[held], kind="stable")
-    held_users = user_codes[held][order]
-    held_items = item_codes[held][order]
-    held_indptr = np.searchsorted(held_users, np.arange(shape[0] + 1))
+    split = fit_split(interactions, params, progress=progress)
+    fitted, held_indptr, held_items = split.fitted, split.held_indptr, split.held_items
+    shape = fitted.matrix.shape
     model_top = recommend_all(fitted, batch_users=batch_users)
     popular_top = popular_unseen(fitted.matrix, fitted.popularity, CUTOFF)
     # The lists' reach is measured over the users the accuracy is: those with held-out rows.
@@ -102,9 +119,9 @@ def evaluate(
     return Evaluation(
         model=ranking_metrics(model_top, held_indptr, held_items),
         popularity=ranking_metrics(popular_top, held_indptr, held_items),
-        train_seconds=train_seconds,
+        train_seconds=split.seconds,
         rows=len(interactions),
-        held_out=int(held.sum()),
+        held_out=len(held_items),
         model_lists=list_metrics(model_top[tested], fitted.popularity, shape[0]),
         popularity_lists=list_metrics(popular_top[tested], fitted.popularity, shape[0]),
         candidate_recall=candidate_recall(fitted, held_indptr, held_items),
@@ -226,17 +243,8 @@ def popular_unseen(
         (np.ones(matrix.nnz, np.int8), rank_of[matrix.indices], matrix.indptr), shape=matrix.shape
     )
     for start in range(0, len(users), block):
-        picks = have[start : start + block]
-        held_row, held_col = np.nonzero(picks >= 0)
-        fill_row, fill_rank = popular_fill(
-            ranked[users[start : start + block]],
-            held_row,
-            rank_of[picks[held_row, held_col]],
-            (picks < 0).sum(axis=1),
+        rows = ranked[users[start : start + block]]
+        have[start : start + block] = complete_with_popular(
+            have[start : start + block], rows.indptr, rows.indices, head
         )
-        # A row's free slots, in order, take its fills, in order (as many as it got).
-        slot_row, slot_col = np.nonzero(picks < 0)
-        position = np.arange(len(slot_row)) - np.searchsorted(slot_row, slot_row)
-        keep = position < np.bincount(fill_row, minlength=len(picks))[slot_row]
-        picks[slot_row[keep], slot_col[keep]] = head[fill_rank]
     return have

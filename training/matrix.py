@@ -10,6 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from encore.ids import IdMap
+from inference.lists import popular_fill as _popular_fill
 
 GRAM_ROWS = 1 << 17  # rows per float64 block of the Gram matrix: 128 MiB at rank 128
 # Rows of the long side per sparse product: a (block x rank) float32 product is 512 MiB at rank
@@ -70,24 +71,11 @@ def popular_fill(
 
     ``seen`` holds the rows' interactions with its columns renumbered by popularity rank (0 is
     the most popular item); ``(taken_rows, taken_ranks)`` are ranks the rows already hold.
-    Returns ``(row, rank)`` pairs ordered by row, then rank; a row gets fewer when fewer are
-    free. The pairing pads short candidate lists with it, the evaluation short top-k lists.
+    Returns ``(row, rank)`` pairs ordered by row, then rank. The pairing pads short candidate
+    lists with it, the evaluation and the nightly run short top-n lists
+    (:func:`inference.lists.popular_fill`, the same rule).
     """
-    n_rows, n_items = seen.shape
-    seen_counts = np.diff(seen.indptr)
-    taken_counts = np.bincount(taken_rows, minlength=n_rows)
-    # Among the first need + seen + taken ranks there are always ``need`` free ones.
-    width = int(min(n_items, (need + seen_counts + taken_counts).max(initial=0)))
-    blocked = np.zeros((n_rows, width), dtype=bool)
-    for owner, rank in (
-        (np.repeat(np.arange(n_rows), seen_counts), seen.indices.astype(np.int64)),
-        (np.asarray(taken_rows, np.int64), np.asarray(taken_ranks, np.int64)),
-    ):
-        hit = rank < width
-        blocked[owner[hit], rank[hit]] = True
-    free = ~blocked
-    wanted = free & (np.cumsum(free, axis=1) <= np.asarray(need)[:, None])
-    return np.nonzero(wanted)
+    return _popular_fill(seen.indptr, seen.indices, seen.shape[1], taken_rows, taken_ranks, need)
 
 
 def activity(matrix: sp.csr_matrix) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from encore.bundle import Bundle, list_bundles, new_version, promote, write_bundle
 from encore.progress import Progress
+from inference.base import SEEN_DIR
 from training.evaluate import Evaluation, evaluate
 from training.fit import FittedModel, TrainParams, fit
 from training.ingest import Interactions
@@ -78,15 +80,7 @@ def _fit_and_write(
     del user_codes, item_codes, weights
     seconds = time.perf_counter() - clock
 
-    def contents(directory: Path) -> None:
-        torch.save(fitted.ranker.state_dict(), directory / "weights.pt")
-        np.save(directory / "user_ids.npy", users.ids)
-        np.save(directory / "playlist_ids.npy", items.ids)
-        np.save(directory / "popularity.npy", fitted.popularity)
-        fitted.pairings.save(directory / "pairings")
-        if catalog is not None:
-            known = catalog[catalog["playlist_id"].isin(items.ids)]
-            known.to_parquet(directory / "catalog.parquet", index=False)
+    contents = bundle_contents(fitted, users.ids, items.ids, catalog)
 
     metadata = {
         "data_fingerprint": interactions.fingerprint,
@@ -118,6 +112,32 @@ def _fit_and_write(
     if promote_bundle:
         promote(bundles_dir, bundle.version)
     return bundle, evaluation
+
+
+def bundle_contents(
+    fitted: FittedModel,
+    user_ids: np.ndarray,
+    playlist_ids: np.ndarray,
+    catalog: pd.DataFrame | None = None,
+) -> Callable[[Path], None]:
+    """What a bundle of ``fitted`` holds besides its metadata, as ``write_bundle`` takes it."""
+
+    def contents(directory: Path) -> None:
+        torch.save(fitted.ranker.state_dict(), directory / "weights.pt")
+        np.save(directory / "user_ids.npy", user_ids)
+        np.save(directory / "playlist_ids.npy", playlist_ids)
+        np.save(directory / "popularity.npy", fitted.popularity)
+        fitted.pairings.save(directory / "pairings")
+        # What each user has seen: the run completes short lists with popular playlists the
+        # user has not seen, as the quality protocol does.
+        (directory / SEEN_DIR).mkdir()
+        np.save(directory / SEEN_DIR / "indptr.npy", fitted.matrix.indptr.astype(np.int64))
+        np.save(directory / SEEN_DIR / "items.npy", fitted.matrix.indices.astype(np.int32))
+        if catalog is not None:
+            known = catalog[catalog["playlist_id"].isin(playlist_ids)]
+            known.to_parquet(directory / "catalog.parquet", index=False)
+
+    return contents
 
 
 def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
