@@ -28,7 +28,14 @@ from inference.program import (
 )
 from inference.ranker import padded_candidates, padded_item_scores
 
-SHARED = ("user_ids.npy", "playlist_ids.npy", "popularity.npy", "pairings", "catalog.parquet")
+SHARED = (
+    "user_ids.npy",
+    "playlist_ids.npy",
+    "popularity.npy",
+    "pairings",
+    "seen",
+    "catalog.parquet",
+)
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TRIAL_USERS = 8
 
