@@ -21,6 +21,7 @@ from encore.errors import EncoreError
 WORKER_MODULES = {
     "apscheduler": "apscheduler",
     "faiss": "faiss-cpu",
+    "matplotlib": "matplotlib",
     "numpy": "numpy",
     "pandas": "pandas",
     "pyarrow": "pyarrow",
