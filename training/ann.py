@@ -202,11 +202,16 @@ class _ProbeSearch:
         pack = _ScoreKeys.plan(len(self.ordered), self.batch)
         floor = np.full(n_rows, -np.inf, dtype=np.float32)
         best = np.zeros(0, dtype=np.int64)
-        # The own list, the second nearest, then the rest at once: floors rise early (the
-        # second list still holds many better scores) without splitting the rest into many
-        # small products.
+        # The own list, the second nearest, then the rest a few at a time: floors rise early
+        # (the second list still holds many better scores), and the survivors of one stage,
+        # kept as sort keys, stay a few per user and list. All the rest at once held ~5 GB
+        # per thread for a batch of 400k users at 10M (killed by the OOM killer at 22 GB).
+        # Each stage meets each list with at least ANN_QUERIES_PER_LIST rows on average.
         n_probes = self.probes.shape[1]
-        for lo_p, hi_p in ((0, 1), (1, 2), (2, n_probes)):
+        n_lists = len(self.starts) - 1
+        step = max(1, math.ceil(ANN_QUERIES_PER_LIST * n_lists / max(n_rows, 1)))
+        stages = [(0, 1), (1, 2)] + [(p, min(n_probes, p + step)) for p in range(2, n_probes, step)]
+        for lo_p, hi_p in stages:
             lists = self.probes[first:last, lo_p:hi_p].ravel()
             if len(lists) == 0:
                 break

@@ -1,10 +1,10 @@
 """Training the ranker on its own task, and what its validation share chooses.
 
-The examples are the inner folds' users with a held-out playlist among their candidates. A
-share of those users (never the test split) is kept aside: the ranker stops at the epoch that
-ranks their held-out playlists best, and the popularity penalty is the largest one that keeps
-their recall@10 within ``RECALL_TOLERANCE`` of the best penalty's, because a penalty on
-popular playlists shows more of the catalog at almost no cost in accuracy.
+The examples are the inner folds' users with a held-out playlist among their candidates (never
+the test split). Cross-fitted on two halves of those users, the ranker's epochs are the number
+that ranks the other half's held-out playlists best, and the popularity penalty is the largest
+one that keeps their recall@10 within ``RECALL_TOLERANCE`` of the best penalty's, because a
+penalty on popular playlists shows more of the catalog at almost no cost in accuracy.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from inference.ranker import Ranker
 
 logger = logging.getLogger("encore.fit")
 
-VALIDATION_SHARE = 0.15  # of the example users
 PENALTIES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 RECALL_TOLERANCE = 0.01  # relative: 1 % of the best recall@10
 CUTOFF = 10
@@ -47,17 +46,16 @@ class Examples:
     def take(self, rows: torch.Tensor) -> Examples:
         return Examples(*(field[rows] for field in _fields(self)))
 
-    def split(self, share: float, seed: int) -> tuple[Examples, Examples | None]:
-        """(training, validation), split by user: one user's rows of both folds stay together."""
+    def halves(self, seed: int) -> list[tuple[Examples, Examples]]:
+        """Two (training, validation) pairs, split by user (one user's rows of both folds stay
+        together), each half validating once; none with fewer than two users."""
         users = torch.unique(self.users).numpy()
-        count = int(len(users) * share)
-        if count == 0 or count == len(users):
-            return self, None
+        if len(users) < 2:
+            return []
         rng = np.random.default_rng([seed, 7])
-        aside = torch.from_numpy(np.isin(self.users.numpy(), rng.choice(users, count, False)))
-        return self.take(torch.nonzero(~aside).squeeze(1)), self.take(
-            torch.nonzero(aside).squeeze(1)
-        )
+        first = torch.from_numpy(np.isin(self.users.numpy(), rng.permutation(users)[::2]))
+        a, b = torch.nonzero(first).squeeze(1), torch.nonzero(~first).squeeze(1)
+        return [(self.take(b), self.take(a)), (self.take(a), self.take(b))]
 
 
 def _fields(examples: Examples) -> tuple[torch.Tensor, ...]:
@@ -90,22 +88,98 @@ def train_ranker(
     popularity_penalty: float | None,
     report: Progress,
 ) -> TrainingChoice:
-    """Fit the ranker's MLP (listwise softmax over each user's candidates); with
-    ``popularity_penalty`` None, choose it on the validation share."""
+    """Fit the ranker's MLP (listwise softmax over each user's candidates).
+
+    Cross-fitted choices first: the example users are split in two halves, a ranker is
+    trained on each half and measured on the other after every epoch, so that every example
+    user validates once. The epoch with the best recall@10 over both halves is kept, and
+    (``popularity_penalty`` None) the penalty is chosen on the same lists. Then the ranker is
+    trained on every example for that many epochs.
+    """
     if len(examples.raw) == 0:
         logger.warning("no user has a held-out playlist among its candidates; ranker untrained")
         return TrainingChoice(float("nan"), 0, popularity_penalty or 0.0, {})
-    train, validation = examples.split(VALIDATION_SHARE, seed)
-    mask = train.mask
     with torch.no_grad():
-        ranker.feature_mean.copy_(train.raw[mask].mean(dim=0))
-        ranker.feature_std.copy_(train.raw[mask].std(dim=0).clamp(min=1e-6))
-    standardized = (train.raw - ranker.feature_mean) / ranker.feature_std
+        ranker.feature_mean.copy_(examples.raw[examples.mask].mean(dim=0))
+        ranker.feature_std.copy_(examples.raw[examples.mask].std(dim=0).clamp(min=1e-6))
+    initial = copy.deepcopy(ranker.mlp.state_dict())
+    halves = examples.halves(seed)
+    steps = epochs * (len(halves) + 1)
+    done = [0]
+
+    def step(loss: float) -> None:
+        done[0] += 1
+        report("ranker", done[0], steps, loss=loss)
+
+    if not halves:
+        loss = _fit(ranker, examples, epochs, batch_users, learning_rate, seed, step)
+        report("ranker", steps, steps, loss=loss)
+        return TrainingChoice(loss, epochs, popularity_penalty or 0.0, {})
+    recall_by_epoch = np.zeros(epochs)
+    states: list[list[dict]] = []
+    for train, validation in halves:
+        ranker.mlp.load_state_dict(initial)
+        kept: list[dict] = []
+
+        def measure(epoch: int, validation: Examples = validation, kept: list = kept) -> None:
+            recall_by_epoch[epoch] += float(_recalls(ranker, validation, 0.0)[0].sum())
+            kept.append(copy.deepcopy(ranker.mlp.state_dict()))
+
+        _fit(ranker, train, epochs, batch_users, learning_rate, seed, step, measure)
+        states.append(kept)
+    rows = sum(len(validation.users) for _, validation in halves)
+    best_epoch = int(np.argmax(recall_by_epoch)) + 1
+    penalties = PENALTIES if popularity_penalty is None else (popularity_penalty,)
+    measured = {}
+    for penalty in penalties:
+        recalls, items = [], []
+        for (_, validation), kept in zip(halves, states, strict=True):
+            ranker.mlp.load_state_dict(kept[best_epoch - 1])
+            recall, listed = _recalls(ranker, validation, penalty)
+            recalls.append(recall)
+            items.append(listed)
+        coverage = len(torch.unique(torch.cat(items))) / ranker.item_embedding.num_embeddings
+        measured[penalty] = (float(torch.cat(recalls).mean()), coverage)
+    best = max(recall for recall, _ in measured.values())
+    chosen = max(
+        p for p, (recall, _) in measured.items() if recall >= best * (1 - RECALL_TOLERANCE)
+    )
+    ranker.mlp.load_state_dict(initial)
+    loss = _fit(ranker, examples, best_epoch, batch_users, learning_rate, seed, step)
+    report("ranker", steps, steps, loss=loss)
+    logger.debug("ranker: %d epochs, popularity penalty %s", best_epoch, chosen)
+    return TrainingChoice(
+        loss,
+        best_epoch,
+        chosen,
+        {
+            "users": len(torch.unique(examples.users)),
+            "recall@10_by_epoch": [round(r / rows, 5) for r in recall_by_epoch],
+            "by_popularity_penalty": {
+                str(p): {"recall@10": round(r, 5), "coverage@10": round(c, 5)}
+                for p, (r, c) in measured.items()
+            },
+        },
+    )
+
+
+def _fit(
+    ranker: Ranker,
+    examples: Examples,
+    epochs: int,
+    batch_users: int,
+    learning_rate: float,
+    seed: int,
+    step,
+    after_epoch=None,
+) -> float:
+    """``epochs`` of Adam on the listwise softmax loss; the mean loss of the last epoch."""
+    standardized = (examples.raw - ranker.feature_mean) / ranker.feature_std
+    mask = examples.mask
     optimizer = torch.optim.Adam(ranker.mlp.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     n = len(standardized)
-    last, best_recall, best_epoch, best_state = float("nan"), -1.0, epochs, None
-    by_epoch = []
+    last = float("nan")
     for epoch in range(epochs):
         ranker.train()
         order = torch.randperm(n, generator=generator)
@@ -114,7 +188,7 @@ def train_ranker(
             b = order[start : start + batch_users]
             scores = ranker.mlp(standardized[b]).squeeze(-1).masked_fill(~mask[b], -torch.inf)
             log_p = torch.log_softmax(scores, dim=1).masked_fill(~mask[b], 0.0)
-            target = train.labels[b].float()
+            target = examples.labels[b].float()
             loss = (-(log_p * target).sum(dim=1) / target.sum(dim=1)).mean()
             optimizer.zero_grad()
             loss.backward()
@@ -122,40 +196,11 @@ def train_ranker(
             total += loss.item()
             batches += 1
         last = total / max(batches, 1)
-        if validation is not None:
-            recall = _recall(ranker, validation, 0.0)
-            by_epoch.append(round(recall, 5))
-            if recall > best_recall:
-                best_recall, best_epoch = recall, epoch + 1
-                best_state = copy.deepcopy(ranker.mlp.state_dict())
-        report("ranker", epoch + 1, epochs, loss=last)
-    ranker.eval()
-    if validation is None:
-        return TrainingChoice(last, epochs, popularity_penalty or 0.0, {})
-    ranker.mlp.load_state_dict(best_state)
-    penalties = PENALTIES if popularity_penalty is None else (popularity_penalty,)
-    measured = {
-        penalty: (_recall(ranker, validation, penalty), _coverage(ranker, validation, penalty))
-        for penalty in penalties
-    }
-    best = max(recall for recall, _ in measured.values())
-    chosen = max(
-        p for p, (recall, _) in measured.items() if recall >= best * (1 - RECALL_TOLERANCE)
-    )
-    logger.debug("ranker: epoch %d kept, popularity penalty %s", best_epoch, chosen)
-    return TrainingChoice(
-        last,
-        best_epoch,
-        chosen,
-        {
-            "users": len(torch.unique(validation.users)),
-            "recall@10_by_epoch": by_epoch,
-            "by_popularity_penalty": {
-                str(p): {"recall@10": round(r, 5), "coverage@10": round(c, 5)}
-                for p, (r, c) in measured.items()
-            },
-        },
-    )
+        ranker.eval()
+        if after_epoch is not None:
+            after_epoch(epoch)
+        step(last)
+    return last
 
 
 def _top(ranker: Ranker, examples: Examples, penalty: float) -> torch.Tensor:
@@ -170,13 +215,11 @@ def _top(ranker: Ranker, examples: Examples, penalty: float) -> torch.Tensor:
         return torch.where(torch.isfinite(values), where, -1)
 
 
-def _recall(ranker: Ranker, examples: Examples, penalty: float) -> float:
+def _recalls(
+    ranker: Ranker, examples: Examples, penalty: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, recall@10 of its list at ``penalty``; and the playlists listed."""
     top = _top(ranker, examples, penalty)
     hits = torch.gather(examples.labels, 1, top.clamp(min=0)) & (top >= 0)
-    return float((hits.sum(dim=1) / examples.held.clamp(min=1, max=CUTOFF)).mean())
-
-
-def _coverage(ranker: Ranker, examples: Examples, penalty: float) -> float:
-    top = _top(ranker, examples, penalty)
-    items = torch.gather(examples.items, 1, top.clamp(min=0))[top >= 0]
-    return len(torch.unique(items)) / ranker.item_embedding.num_embeddings
+    recall = hits.sum(dim=1) / examples.held.clamp(min=1, max=CUTOFF)
+    return recall, torch.gather(examples.items, 1, top.clamp(min=0))[top >= 0]
