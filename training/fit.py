@@ -51,7 +51,7 @@ class TrainParams:
     item_method: str = "auto"  # auto | ease | knn | none: the item-item candidate generator
     item_candidates: int = 50  # candidates per user from the item-item generator
     ease_lambda: float | None = None  # None: chosen on the first inner fold
-    popularity_penalty: float | None = None  # None: chosen on the ranker's validation share
+    popularity_penalty: float | None = None  # None: chosen on the inner split (cross-fitted)
     ease_max_items: int = 12_000  # playlists (held by 2+ users) above which item-KNN replaces EASE
     pairing_engine: str = "local"  # local | ray: where the neighbour search runs
     ray_address: str | None = None  # where Ray is (ENCORE_RAY_ADDRESS); not a hyper-parameter

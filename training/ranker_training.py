@@ -1,4 +1,4 @@
-"""Training the ranker on its own task, and what its validation share chooses.
+"""Training the ranker on its own task, and what its cross-fitted validation chooses.
 
 The examples are the inner folds' users with a held-out playlist among their candidates (never
 the test split). Cross-fitted on two halves of those users, the ranker's epochs are the number
@@ -72,9 +72,9 @@ def _fields(examples: Examples) -> tuple[torch.Tensor, ...]:
 @dataclass(frozen=True)
 class TrainingChoice:
     loss: float
-    epochs: int  # the epoch kept (1-based); all of them without a validation share
+    epochs: int  # epochs trained (the cross-fit's best; all of them with one user)
     popularity_penalty: float
-    validation: dict  # what the validation share measured, for the bundle's metadata
+    validation: dict  # what the cross-fit measured, for the bundle's metadata
 
 
 def train_ranker(

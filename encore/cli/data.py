@@ -36,7 +36,7 @@ PenaltyOpt = Annotated[
     typer.Option(
         min=0.0,
         help="Popularity penalty of the ranking (score - penalty * log(1 + popularity)); "
-        "unset: chosen on the ranker's validation share.",
+        "unset: chosen on the inner split (cross-fitted).",
     ),
 ]
 EaseLambdaOpt = Annotated[
