@@ -33,7 +33,7 @@ Scheduler (its own port) and run records:
 encore_run_last_success_timestamp_seconds gauge     finish time of the last published run
 encore_run_duration_seconds              gauge      duration of the last published run
 encore_run_users_scored                  gauge      users written by the last published run
-encore_run_cold_users                    gauge      users given the fallback in that run
+encore_run_cold_users                    gauge      users without candidates (popular lists)
 encore_run_cold_fraction                 gauge      cold users / users in that run
 encore_run_drift_score                   gauge      PSI of popularity deciles vs the run before
 encore_run_drift_chi2_pvalue             gauge      chi-square p-value of the same comparison

@@ -128,7 +128,11 @@ def _run_gauges(run: RunRecord) -> Iterator[GaugeMetricFamily]:
     yield from gauge(
         names.RUN_USERS_SCORED, "Users scored by the last published run.", run.users_scored
     )
-    yield from gauge(names.RUN_COLD_USERS, "Users given the fallback in that run.", run.cold_users)
+    yield from gauge(
+        names.RUN_COLD_USERS,
+        "Users without candidates in that run (popular playlists they have not seen).",
+        run.cold_users,
+    )
     yield from gauge(names.RUN_COLD_FRACTION, "Cold users / users in that run.", run.cold_fraction)
     yield from gauge(
         names.RUN_DRIFT_SCORE,

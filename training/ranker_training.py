@@ -141,8 +141,13 @@ def train_ranker(
         coverage = len(torch.unique(torch.cat(items))) / ranker.item_embedding.num_embeddings
         measured[penalty] = (float(torch.cat(recalls).mean()), coverage)
     best = max(recall for recall, _ in measured.values())
-    chosen = max(
-        p for p, (recall, _) in measured.items() if recall >= best * (1 - RECALL_TOLERANCE)
+    # With no hit at any penalty, every penalty ties: no signal to trade recall for reach on.
+    chosen = (
+        min(penalties)
+        if best <= 0
+        else max(
+            p for p, (recall, _) in measured.items() if recall >= best * (1 - RECALL_TOLERANCE)
+        )
     )
     ranker.mlp.load_state_dict(initial)
     loss = _fit(ranker, examples, best_epoch, batch_users, learning_rate, seed, step)

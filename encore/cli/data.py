@@ -41,7 +41,7 @@ PenaltyOpt = Annotated[
 ]
 EaseLambdaOpt = Annotated[
     float | None,
-    typer.Option(min=0.0, help="EASE's regularisation; unset: chosen on an inner split."),
+    typer.Option(min=0.001, help="EASE's regularisation (> 0); unset: chosen on an inner split."),
 ]
 
 
