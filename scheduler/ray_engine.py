@@ -100,15 +100,17 @@ def score_in_ray(
 
 
 def actor_count(settings: Settings) -> int:
-    """ENCORE_RAY_ACTORS, or one actor per CPU Ray reports free; at least 1, at most the CPUs."""
+    """ENCORE_RAY_ACTORS, or one actor per CPU of the Ray cluster; at least 1, at most the CPUs."""
     ray = import_ray()
-    cpus = max(1, int(ray.available_resources().get("CPU", 0)))
+    # The cluster's total, not what is free this instant: the free count dips while a
+    # previous dataset's actors are still being released, and would size the pool by a race.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 0)))
     if not settings.ray_actors:
         return cpus
     if settings.ray_actors > cpus:
         # An actor needs a CPU of its own: more than there are would wait for ever.
         logger.warning(
-            "ENCORE_RAY_ACTORS=%d but Ray reports %d free CPUs: using %d actors",
+            "ENCORE_RAY_ACTORS=%d but the Ray cluster has %d CPUs: using %d actors",
             settings.ray_actors,
             cpus,
             cpus,

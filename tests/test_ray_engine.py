@@ -109,7 +109,7 @@ def test_one_actor_completes(tmp_path: Path, ray_running) -> None:
     # More actors than Ray has CPUs would wait for ever: capped at the CPUs it reports.
     from scheduler.ray_engine import import_ray
 
-    cpus = max(1, int(import_ray().available_resources().get("CPU", 0)))
+    cpus = max(1, int(import_ray().cluster_resources().get("CPU", 0)))
     assert actor_count(config.model_copy(update={"ray_actors": 512})) == cpus
     record = run_full(config)
     assert record.status == "published" and record.users_scored == USERS

@@ -158,7 +158,7 @@ def _search_on_ray(
     try:
         index = ray.put(search)
         task = ray.remote(num_cpus=1)(_search_block)
-        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         # A few tasks per CPU: scheduling a task costs more than searching one query batch.
         per_task = max(1, math.ceil(len(firsts) / (4 * cpus)))
         blocks = [list(firsts[i : i + per_task]) for i in range(0, len(firsts), per_task)]
