@@ -60,6 +60,18 @@ class Settings(BaseSettings):
         description="Playlists (held by 2+ users) above which training's item-item generator "
         "is item-KNN rather than EASE (a dense inverse of that size).",
     )
+    interactions: Path | None = Field(
+        None,
+        description="Where the nightly run reads new interactions: a file, or a directory of "
+        "partitions (CSV/TSV/Parquet with a header, e.g. one per day); unset = the nightly run "
+        "scores the promoted model's pairings as they are.",
+    )
+    interactions_columns: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Column names of header-less partitions, comma-separated."
+    )
+    like_weight: float = Field(
+        1.0, ge=0, description="Weight of a feedback-page like as an interaction; 0 = none."
+    )
     run_grace_seconds: int = Field(
         48 * 3600, ge=0, description="How long a replaced run stays readable (rollback window)."
     )
@@ -104,6 +116,13 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown engine {value!r}: choose one of {', '.join(ENGINES)}")
         return value
 
+    @field_validator("interactions_columns", mode="before")
+    @classmethod
+    def _split_columns(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()] or None
+        return value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
@@ -114,6 +133,11 @@ class Settings(BaseSettings):
     @property
     def bundles_dir(self) -> Path:
         return self.home / "bundles"
+
+    @property
+    def ingest_dir(self) -> Path:
+        """What the nightly ingest has read so far (training/source.py documents the layout)."""
+        return self.home / "state" / "ingest"
 
     @property
     def sqlite_online_path(self) -> Path:

@@ -18,7 +18,7 @@ from encore.database import open_database
 from encore.errors import EncoreError, RunLocked
 from encore.online import open_online_store
 from encore.settings import Settings
-from scheduler.job import run_full, run_queued
+from scheduler.job import Prepare, run_full, run_queued
 from scheduler.lifecycle import maintain
 from scheduler.run_metrics import RunMetrics
 from scheduler.stopping import stop_on_signals
@@ -44,6 +44,8 @@ class Jobs:
     metrics: RunMetrics
     stop: threading.Event = field(default_factory=threading.Event)
     busy: threading.Lock = field(default_factory=threading.Lock)
+    # With ENCORE_INTERACTIONS: ingest and refresh before scoring (wired by the CLI).
+    prepare: Prepare | None = None
 
     def nightly(self, kind: str = "scheduled") -> None:
         """One scheduled run; failures are logged and counted, never crash the scheduler."""
@@ -51,7 +53,13 @@ class Jobs:
             if self.stop.is_set():
                 return
             try:
-                run_full(self.settings, kind=kind, metrics=self.metrics, stop=self.stop)
+                run_full(
+                    self.settings,
+                    kind=kind,
+                    metrics=self.metrics,
+                    stop=self.stop,
+                    prepare=self.prepare,
+                )
             except RunLocked as exc:
                 logger.warning("skipped: %s", exc)
             except EncoreError as exc:
@@ -62,7 +70,7 @@ class Jobs:
         if not self.busy.acquire(blocking=False):
             return
         try:
-            run_queued(self.settings, metrics=self.metrics, stop=self.stop)
+            run_queued(self.settings, metrics=self.metrics, stop=self.stop, prepare=self.prepare)
         except EncoreError as exc:
             logger.warning("could not look at the queued runs: %s", exc)
         finally:
@@ -82,9 +90,15 @@ class Jobs:
             self.busy.release()
 
 
-def nightly(settings: Settings, metrics: RunMetrics, kind: str = "scheduled") -> None:
+def nightly(
+    settings: Settings,
+    metrics: RunMetrics,
+    kind: str = "scheduled",
+    *,
+    prepare: Prepare | None = None,
+) -> None:
     """One scheduled run, outside a scheduler (failures are logged, never raised)."""
-    Jobs(settings, metrics).nightly(kind)
+    Jobs(settings, metrics, prepare=prepare).nightly(kind)
 
 
 def upkeep(settings: Settings) -> None:
@@ -161,9 +175,9 @@ def metrics_registry(settings: Settings) -> RunMetrics:
     return metrics
 
 
-def run_scheduler(settings: Settings) -> None:
+def run_scheduler(settings: Settings, *, prepare: Prepare | None = None) -> None:
     """Until SIGTERM or SIGINT; a run in progress then stops before its flip."""
-    jobs = Jobs(settings, metrics_registry(settings))
+    jobs = Jobs(settings, metrics_registry(settings), prepare=prepare)
     server, thread = start_http_server(
         settings.scheduler_metrics_port, registry=jobs.metrics.registry
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 
@@ -25,6 +25,10 @@ from scheduler.runner import Plan, PlanMaker, RunExecution
 
 logger = logging.getLogger("encore.scheduler.job")
 
+# A nightly run's phases before scoring (ingest, refresh: training/freshness.py, wired by the
+# CLI), run under the run lock; returns the seconds of each phase.
+Prepare = Callable[[Database, threading.Event], dict[str, float]]
+
 
 def run_full(
     settings: Settings,
@@ -34,12 +38,17 @@ def run_full(
     progress: Progress | None = None,
     metrics: RunMetrics | None = None,
     stop: threading.Event | None = None,
+    prepare: Prepare | None = None,
 ) -> RunRecord:
-    """Score every user of the promoted bundle and publish the run; return its record."""
+    """Score every user of the promoted bundle and publish the run; return its record.
+
+    With ``prepare``, the run first brings the promoted model up to date with it (under the
+    run lock, as the run's first phases)."""
     stop = stop or threading.Event()
     persist = within_budget(settings.store_retry_seconds, stop)
 
     def plan(db: Database, store: OnlineStore, record: RunRecord) -> Plan:
+        phases = prepare(db, stop) if prepare is not None else {}
         bundle = promoted_bundle(settings.bundles_dir)
         n_users = len(bundle.user_ids())
         batches = [
@@ -56,6 +65,7 @@ def run_full(
             flip=True,
             challenger=open_bundle(settings.bundles_dir, arm.version) if arm else None,
             arm=arm,
+            phases=phases,
         )
 
     return _run(settings, kind, run_id, plan, progress=progress, metrics=metrics, stop=stop)
@@ -157,7 +167,11 @@ def rollback(settings: Settings, run_id: str, *, stop: threading.Event | None = 
 
 
 def run_queued(
-    settings: Settings, *, metrics: RunMetrics | None = None, stop: threading.Event | None = None
+    settings: Settings,
+    *,
+    metrics: RunMetrics | None = None,
+    stop: threading.Event | None = None,
+    prepare: Prepare | None = None,
 ) -> list[RunRecord]:
     """Execute the runs queued through the API, oldest first, while the lock is free."""
     stop = stop or threading.Event()
@@ -181,7 +195,12 @@ def run_queued(
             else:
                 finished.append(
                     run_full(
-                        settings, kind=record.kind, run_id=record.run_id, metrics=metrics, stop=stop
+                        settings,
+                        kind=record.kind,
+                        run_id=record.run_id,
+                        metrics=metrics,
+                        stop=stop,
+                        prepare=prepare,
                     )
                 )
         except RunLocked:

@@ -125,6 +125,15 @@ def _run_gauges(run: RunRecord) -> Iterator[GaugeMetricFamily]:
     yield from gauge(
         names.RUN_DURATION, "Duration of the last published run.", run.duration_seconds
     )
+    if run.phases:
+        phases = GaugeMetricFamily(
+            names.RUN_PHASE_SECONDS,
+            "Seconds of each phase of the last published run (ingest, refresh, score, publish).",
+            labels=["phase"],
+        )
+        for phase, seconds in run.phases.items():
+            phases.add_metric([phase], float(seconds))
+        yield phases
     yield from gauge(
         names.RUN_USERS_SCORED, "Users scored by the last published run.", run.users_scored
     )

@@ -58,6 +58,9 @@ class Plan:
     # An experiment's challenger, scoring its arm's users; None: the champion scores all.
     challenger: Bundle | None = None
     arm: Challenger | None = None
+    # Seconds of the phases done while planning (a nightly run's ingest and refresh); the
+    # run adds its own: score, and for a full run publish.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 PlanMaker = Callable[[Database, OnlineStore, RunRecord], Plan]
@@ -100,7 +103,10 @@ class RunExecution:
                 users_total=plan.users_total,
                 **_experiment_values(plan),
             )
+            clock = time.perf_counter()
             totals = self._score(plan)
+            phases = {**plan.phases, "score": round(time.perf_counter() - clock, 3)}
+            clock = time.perf_counter()
             values = {
                 "users_scored": totals.lists + totals.cold,
                 "cold_users": totals.cold,
@@ -119,6 +125,8 @@ class RunExecution:
                     cold_users=totals.cold - totals.listed_cold,
                     grace_seconds=self.settings.run_grace_seconds,
                 )
+                phases["publish"] = round(time.perf_counter() - clock, 3)
+            values["phases"] = phases
         except BaseException as exc:
             self._fail(exc, discard=plan is not None and plan.flip)
             if isinstance(exc, EncoreError | KeyboardInterrupt):
@@ -283,6 +291,7 @@ class RunExecution:
             )
         if self.metrics:
             self.metrics.runs.labels(self.record.kind, "published").inc()
+
         logger.info(
             "run %s published (%s): %s users, %s cold, in %.1f s",
             self.run_id,

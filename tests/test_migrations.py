@@ -91,6 +91,10 @@ def test_postgres_upgrade_from_the_first_schema(database_url: str) -> None:
             (OLD_EVENT,),
         )
     with PostgresDatabase(database_url) as db:
-        assert db.upgrade() == ["0002_run_lifecycle.sql", "0003_experiments.sql"]
+        assert db.upgrade() == [
+            "0002_run_lifecycle.sql",
+            "0003_experiments.sql",
+            "0004_run_phases.sql",
+        ]
         _check(db)
         assert db.upgrade() == []

@@ -186,6 +186,48 @@ def fit(
     loss = choice.loss
     seconds["ranker"] = time.perf_counter() - clock
 
+    fitted = fit_serving(
+        user_codes,
+        item_codes,
+        weights,
+        shape,
+        params,
+        ranker,
+        item_params,
+        spill=spill,
+        progress=progress,
+    )
+    fitted.chosen, fitted.final_loss = chosen, loss
+    fitted.seconds = {**seconds, **fitted.seconds}
+    return fitted
+
+
+def fit_serving(
+    user_codes: np.ndarray,
+    item_codes: np.ndarray,
+    weights: np.ndarray,
+    shape: tuple[int, int],
+    params: TrainParams,
+    ranker: Ranker,
+    item_params: ItemParams,
+    *,
+    spill: Path | None = None,
+    progress: Progress | None = None,
+) -> FittedModel:
+    """The serving half of a fit: the matrix, factors, item model and pairings of every
+    interaction, installed under a trained ``ranker`` (whose tables must be of ``shape``).
+
+    Training calls it once its ranker is trained; a nightly refresh calls it with the
+    promoted ranker on the latest interactions."""
+    report = progress or (lambda *args, **kwargs: None)
+    pairing = PairingParams(
+        params.neighbours,
+        params.candidates,
+        params.pairing_method,
+        engine=params.pairing_engine,
+        ray_address=params.ray_address,
+    )
+    seconds: dict[str, float] = {}
     clock = time.perf_counter()
     report("pairing", 0, 1)
     matrix = interaction_matrix(user_codes, item_codes, weights, shape)
@@ -211,7 +253,7 @@ def fit(
     ranker.eval()
     report("pairing", 1, 1)
     seconds["pairing"] = time.perf_counter() - clock
-    return FittedModel(ranker, pairs, matrix, pop, params, item_model, chosen, seconds, loss)
+    return FittedModel(ranker, pairs, matrix, pop, params, item_model, seconds=seconds)
 
 
 def _example_users(held_users: np.ndarray, params: TrainParams, fold: int) -> np.ndarray:

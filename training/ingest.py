@@ -52,6 +52,14 @@ class Interactions:
     def __len__(self) -> int:
         return len(self.user_ids)
 
+    def release_rows(self) -> None:
+        """Drop the rows, for a holder done with them that cannot drop the object (training,
+        once it has encoded them: 1.85 GB at 10M users). Path and fingerprint stay."""
+        for name, dtype in (("user_ids", np.int64), ("playlist_ids", np.int64)):
+            object.__setattr__(self, name, np.zeros(0, dtype=dtype))
+        object.__setattr__(self, "weights", np.zeros(0, dtype=np.float32))
+        object.__setattr__(self, "timestamps", None)
+
 
 def read_interactions(
     path: str | Path, *, columns: list[str] | None = None, sep: str | None = None

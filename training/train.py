@@ -28,9 +28,13 @@ def train_bundle(
     catalog: pd.DataFrame | None = None,
     run_evaluation: bool = True,
     promote_bundle: bool = True,
+    release_rows: bool = False,
     progress: Progress | None = None,
 ) -> tuple[Bundle, Evaluation | None]:
-    """Fit on every row, optionally evaluate with the protocol, and write the bundle."""
+    """Fit on every row, optionally evaluate with the protocol, and write the bundle.
+
+    With ``release_rows``, the interactions' rows are dropped once encoded (see
+    :meth:`Interactions.release_rows`): the caller must not need them afterwards."""
     evaluation = None
     if run_evaluation:
         evaluation = evaluate(interactions, params, progress=_prefixed(progress, "evaluate: "))
@@ -45,6 +49,7 @@ def train_bundle(
             catalog=catalog,
             evaluation=evaluation,
             promote_bundle=promote_bundle,
+            release_rows=release_rows,
             spill=Path(spill),
             progress=progress,
         )
@@ -58,16 +63,20 @@ def _fit_and_write(
     catalog: pd.DataFrame | None,
     evaluation: Evaluation | None,
     promote_bundle: bool,
+    release_rows: bool,
     spill: Path,
     progress: Progress | None,
 ) -> tuple[Bundle, Evaluation | None]:
     clock = time.perf_counter()
+    rows = len(interactions)
     users, user_codes = encode(interactions.user_ids)
     items, item_codes = encode(interactions.playlist_ids)
     # As the protocol does: the inner folds split pairs, not the rows that repeat one.
     user_codes, item_codes, weights = merge_repeats(
         user_codes, item_codes, interactions.weights, len(items)
     )
+    if release_rows:
+        interactions.release_rows()
     fitted = fit(
         user_codes,
         item_codes,
@@ -86,7 +95,7 @@ def _fit_and_write(
         "data_fingerprint": interactions.fingerprint,
         "data": {
             "path": str(interactions.path),
-            "rows": len(interactions),
+            "rows": rows,
             "users": len(users),
             "playlists": len(items),
             "matrix_entries": int(fitted.matrix.nnz),

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from encore.console import console, stage_progress
-from encore.settings import get_settings
+from encore.settings import Settings, get_settings
 
 InteractionsOpt = Annotated[
     Path, typer.Option("--interactions", "-i", help="CSV, TSV or Parquet interactions file.")
@@ -102,7 +102,15 @@ def _engine(name: str) -> str:
 
 
 def train(
-    interactions: InteractionsOpt,
+    interactions: Annotated[
+        Path | None,
+        typer.Option(
+            "--interactions",
+            "-i",
+            help="CSV, TSV or Parquet interactions file [ENCORE_INTERACTIONS: a file, or a "
+            "directory of partitions, with the feedback page's likes].",
+        ),
+    ] = None,
     catalog: Annotated[
         Path | None, typer.Option(help="Playlist names (playlist_id, name).")
     ] = None,
@@ -136,7 +144,14 @@ def train(
     from training.train import train_bundle
 
     settings = get_settings()
-    data = read_interactions(interactions, columns=_columns(columns), sep=_sep(sep))
+    if interactions is not None:
+        data = read_interactions(interactions, columns=_columns(columns), sep=_sep(sep))
+    elif settings.interactions is not None:
+        data = _source_with_likes(settings)
+    else:
+        raise typer.BadParameter(
+            "give --interactions FILE, or set ENCORE_INTERACTIONS", param_hint="--interactions"
+        )
     names = read_catalog(catalog) if catalog else None
     params = _train_params(
         neighbours=neighbours,
@@ -161,6 +176,7 @@ def train(
             catalog=names,
             run_evaluation=run_evaluation,
             promote_bundle=promote_bundle,
+            release_rows=True,
             progress=progress,
         )
     if evaluation:
@@ -170,6 +186,22 @@ def train(
         f"bundle [bold]{bundle.version}[/] written to {bundle.path} ({state}); "
         f"trained in {bundle.metadata['training']['seconds']:.1f} s"
     )
+
+
+def _source_with_likes(settings: Settings):
+    """ENCORE_INTERACTIONS as the nightly run reads it: what is new ingested, likes added."""
+    from encore.database import open_database
+    from training.freshness import liked_pairs
+    from training.source import ingest, with_likes
+
+    result = ingest(
+        settings.interactions, settings.ingest_dir, columns=settings.interactions_columns
+    )
+    for name, error in result.set_aside.items():
+        console.print(f"[red]set aside[/red] {name}: {error}", highlight=False)
+    with open_database(settings) as db:
+        users, playlists = liked_pairs(db)
+    return with_likes(result.interactions, users, playlists, settings.like_weight)
 
 
 def evaluate(

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from encore.cli.ingest import night_preparation
 from encore.cli.worker_group import WorkerCommand
 from encore.console import console, print_table, stage_progress
 from encore.errors import InputError
@@ -27,8 +28,19 @@ def run(
         str | None,
         typer.Option(help="local (a process pool) or ray (Ray Data). Default: ENCORE_ENGINE."),
     ] = None,
+    refresh: Annotated[
+        bool,
+        typer.Option(
+            "--refresh/--no-refresh",
+            help="With ENCORE_INTERACTIONS set: first ingest what is new and refresh the "
+            "promoted model's pairings on it, as the nightly run does.",
+        ),
+    ] = True,
 ) -> None:
     """Score every user with the promoted model and publish the run now.
+
+    With ENCORE_INTERACTIONS set, the run first ingests what is new there (and the feedback
+    page's likes) and rebuilds the promoted model's pairings on it (see docs/operations.md).
 
     SIGTERM or Ctrl-C stops it before its flip: the run is recorded as failed ("stopped"),
     its keyspace is removed and the run being served stays served.
@@ -45,7 +57,14 @@ def run(
             )
         settings = settings.model_copy(update={"engine": engine})
     with stop_on_signals(threading.Event()) as stop, stage_progress() as progress:
-        record = run_full(settings, kind=kind, run_id=run_id, progress=progress, stop=stop)
+        record = run_full(
+            settings,
+            kind=kind,
+            run_id=run_id,
+            progress=progress,
+            stop=stop,
+            prepare=night_preparation(settings, refresh=refresh),
+        )
     _print_run(record)
 
 

@@ -42,9 +42,11 @@ def feedback_export(
 
 def scheduler() -> None:
     """Run the nightly schedule (APScheduler) and serve its metrics."""
+    from encore.cli.ingest import night_preparation
     from scheduler.cron import run_scheduler
 
-    run_scheduler(get_settings())
+    settings = get_settings()
+    run_scheduler(settings, prepare=night_preparation(settings))
 
 
 def serve(

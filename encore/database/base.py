@@ -47,6 +47,8 @@ class RunRecord:
     challenger_version: str | None = None
     challenger_share: float | None = None
     users_by_version: dict[str, int] | None = None
+    # Seconds per phase: a nightly run's ingest and refresh, every run's score and publish.
+    phases: dict[str, float] | None = None
 
     @property
     def cold_fraction(self) -> float | None:

@@ -45,7 +45,7 @@ SELECT_FEEDBACK = (
     "SELECT event_id, user_id, run_id, liked_playlist_id, shown_playlist_ids, model_version,"
     " created_at, kind, experiment_id FROM feedback"
 )
-JSON_FIELDS = ("popularity_deciles", "users_by_version")
+JSON_FIELDS = ("popularity_deciles", "users_by_version", "phases")
 
 
 def run_from_row(row: dict[str, Any]) -> RunRecord:

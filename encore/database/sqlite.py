@@ -63,7 +63,7 @@ def _run_from_row(row: sqlite3.Row) -> RunRecord:
     for name in TIME_FIELDS:
         if values[name]:
             values[name] = datetime.fromisoformat(values[name])
-    for name in ("popularity_deciles", "users_by_version"):
+    for name in ("popularity_deciles", "users_by_version", "phases"):
         if values[name]:
             values[name] = json.loads(values[name])
     return RunRecord(**values)

@@ -1,0 +1,2 @@
+-- The nightly pipeline's phases (ingest, refresh, score, publish), seconds each.
+ALTER TABLE runs ADD COLUMN phases jsonb;

@@ -1,0 +1,142 @@
+"""Nightly means fresh: three nights of partitions through the scheduler's job.
+
+New users get personal lists the night after they appear, a like changes the liking user's
+candidates, and a bad partition is set aside while the night still publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+
+from encore.bundle import promoted_bundle
+from encore.cli.ingest import night_preparation
+from encore.database import FeedbackEvent, open_async_database, open_database
+from encore.online import open_online_store
+from encore.settings import Settings
+from scheduler.cron import Jobs, metrics_registry
+from training.fit import TrainParams
+from training.ingest import read_interactions
+from training.pairing import Pairings
+from training.source import source_state
+from training.synthetic import SyntheticSpec, generate
+from training.train import train_bundle
+
+NEW_FROM = 1200  # users with codes from here on join on the second day
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Settings, pd.DataFrame]:
+    data = generate(SyntheticSpec(users=1500, playlists=300, seed=5), tmp_path / "data")
+    rows = pd.read_parquet(data.interactions)
+    users = np.sort(rows["user_id"].unique())
+    rows["day"] = np.where(rows["user_id"].isin(users[NEW_FROM:]), 2, 1)
+    source = tmp_path / "interactions"
+    source.mkdir()
+    settings = Settings(
+        home=tmp_path / "home", interactions=source, workers=1, like_weight=5.0, _env_file=None
+    )
+    with open_database(settings) as db:
+        db.upgrade()
+    return settings, rows
+
+
+def _write_day(settings: Settings, rows: pd.DataFrame, day: int) -> Path:
+    path = settings.interactions / f"day-{day}.csv"
+    rows[rows["day"] == day][["user_id", "playlist_id", "weight"]].to_csv(path, index=False)
+    return path
+
+
+def _night(settings: Settings):
+    Jobs(settings, metrics_registry(settings), prepare=night_preparation(settings)).nightly()
+    with open_database(settings) as db:
+        record = db.last_published()
+    assert record is not None and record.status == "published"
+    return record
+
+
+def _lists(settings: Settings, run_id: str, users: np.ndarray) -> list[list[int] | None]:
+    with open_online_store(settings) as store:
+        return [None if raw is None else orjson.loads(raw) for raw in store.read(run_id, users)]
+
+
+def _candidates(user_id: int, settings: Settings) -> set[int]:
+    bundle = promoted_bundle(settings.bundles_dir)
+    pairs = Pairings.load(bundle.pairings_dir)
+    code = int(bundle.user_codes(np.array([user_id]))[0])
+    items = pairs.items[pairs.indptr[code] : pairs.indptr[code + 1]]
+    return set(bundle.playlist_ids()[items].tolist())
+
+
+def _like(settings: Settings, user_id: int, playlist_id: int, run_id: str) -> None:
+    async def insert() -> None:
+        database = open_async_database(settings)
+        await database.open()
+        try:
+            event = FeedbackEvent(
+                uuid.uuid4(),
+                user_id,
+                run_id,
+                playlist_id,
+                [playlist_id],
+                created_at=datetime.now(UTC),
+            )
+            assert await database.insert_feedback(event)
+        finally:
+            await database.aclose()
+
+    asyncio.run(insert())
+
+
+def test_three_nights_new_users_likes_and_a_bad_partition(world) -> None:
+    settings, rows = world
+    first_day = _write_day(settings, rows, 1)
+    trained, _ = train_bundle(
+        read_interactions(first_day),
+        settings.bundles_dir,
+        TrainParams(dim=16, epochs=3),
+        run_evaluation=False,
+    )
+    newcomers = np.sort(rows.loc[rows["day"] == 2, "user_id"].unique())
+
+    night1 = _night(settings)
+    assert night1.model_version == trained.version  # nothing new since training
+    assert set(night1.phases) == {"ingest", "score", "publish"}
+    assert _lists(settings, night1.run_id, newcomers[:50]) == [None] * 50  # unknown: fallback
+
+    # Day 2: new users arrive, and a partition with a bad row.
+    _write_day(settings, rows, 2)
+    bad = settings.interactions / "day-2b.csv"
+    bad.write_text("user_id,playlist_id,weight\n1,2,1\n3,4,-1\n")
+    night2 = _night(settings)
+    assert night2.model_version != trained.version
+    assert set(night2.phases) == {"ingest", "refresh", "score", "publish"}
+    refreshed = promoted_bundle(settings.bundles_dir)
+    assert refreshed.metadata["refreshed_from"] == trained.version
+    assert night2.users_total == len(rows["user_id"].unique())
+    personal = _lists(settings, night2.run_id, newcomers)
+    assert sum(lst is not None for lst in personal) >= 0.9 * len(newcomers)
+    aside = source_state(settings.ingest_dir).set_aside()
+    assert list(aside) == ["day-2b.csv"]
+    assert str(bad) in aside["day-2b.csv"] and "line 3" in aside["day-2b.csv"]
+    assert "'weight'" in aside["day-2b.csv"]
+
+    # Day 3: a user likes the first playlist of their list on the page.
+    user = int(newcomers[0])
+    shown = _lists(settings, night2.run_id, np.array([user]))[0]
+    liked = shown[0]
+    before = _candidates(user, settings)
+    assert liked in before
+    _like(settings, user, liked, night2.run_id)
+    night3 = _night(settings)
+    assert night3.model_version != night2.model_version
+    after = _candidates(user, settings)
+    assert liked not in after and after != before  # a seen playlist is no candidate
+    assert liked not in _lists(settings, night3.run_id, np.array([user]))[0]

@@ -1,0 +1,125 @@
+"""The growing interactions source: partitions read once, bad ones set aside, state rebuilt."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from encore.errors import EncoreError
+from training.source import ingest, readmit, source_state, with_likes
+
+
+def _write(path: Path, rows: list[tuple[int, int, float]]) -> Path:
+    path.write_text("user_id,playlist_id,weight\n" + "".join(f"{u},{p},{w}\n" for u, p, w in rows))
+    return path
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    directory = tmp_path / "interactions"
+    directory.mkdir()
+    _write(directory / "2026-12-01.csv", [(1, 10, 1.0), (2, 11, 2.0)])
+    return directory
+
+
+def test_each_partition_is_read_once_and_rows_accumulate(source: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = ingest(source, state)
+    assert first.new_partitions == ["2026-12-01.csv"] and first.new_rows == 2 and first.rebuilt
+    again = ingest(source, state)
+    assert again.new_partitions == [] and again.new_rows == 0 and not again.rebuilt
+    assert again.interactions.fingerprint == first.interactions.fingerprint
+    _write(source / "2026-12-02.csv", [(3, 10, 1.0)])
+    (source / ".2026-12-03.csv.partial").write_text("being written")  # not a partition yet
+    second = ingest(source, state)
+    assert second.new_partitions == ["2026-12-02.csv"] and not second.rebuilt
+    assert second.interactions.user_ids.tolist() == [1, 2, 3]
+    assert second.interactions.weights.tolist() == [1.0, 2.0, 1.0]
+    assert second.interactions.fingerprint != first.interactions.fingerprint
+
+
+def test_a_bad_partition_is_set_aside_with_file_line_and_column(
+    source: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    ingest(source, state)
+    bad = source / "2026-12-02.csv"
+    bad.write_text("user_id,playlist_id,weight\n4,12,1\n5,oops,1\n")
+    _write(source / "2026-12-03.csv", [(6, 13, 1.0)])
+    result = ingest(source, state)
+    assert list(result.set_aside) == ["2026-12-02.csv"]
+    error = result.set_aside["2026-12-02.csv"]
+    assert str(bad) in error and "line 3" in error and "'playlist_id'" in error
+    assert result.new_partitions == ["2026-12-03.csv"]  # the night goes on with the rest
+    assert result.interactions.user_ids.tolist() == [1, 2, 6]
+    assert source_state(state).set_aside() == {"2026-12-02.csv": error}
+    # Unchanged, it stays aside; re-admitted by an operator, it is read again (and fails again).
+    assert ingest(source, state).set_aside == {}
+    readmit(state, "2026-12-02.csv")
+    assert list(ingest(source, state).set_aside) == ["2026-12-02.csv"]
+    # Fixed on disk, it is read at the next ingest without being re-admitted.
+    bad.write_text("user_id,playlist_id,weight\n4,12,1\n5,14,1\n")
+    fixed = ingest(source, state)
+    assert fixed.new_partitions == ["2026-12-02.csv"] and fixed.set_aside == {}
+    assert sorted(fixed.interactions.user_ids.tolist()) == [1, 2, 4, 5, 6]
+    with pytest.raises(EncoreError, match="not set aside"):
+        readmit(state, "2026-12-02.csv")
+
+
+@pytest.mark.parametrize("damage", ["manifest", "rows", "missing"])
+def test_a_corrupt_or_missing_state_is_rebuilt_not_fatal(
+    source: Path, tmp_path: Path, damage: str
+) -> None:
+    state = tmp_path / "state"
+    _write(source / "2026-12-02.csv", [(3, 10, 1.0)])
+    before = ingest(source, state).interactions
+    if damage == "manifest":
+        (state / "ingest.json").write_text("{not json")
+    elif damage == "rows":
+        (state / "rows" / "weights.npy").write_bytes(b"\x93NUMPY garbage")
+    else:
+        for path in (state / "rows").iterdir():
+            path.unlink()
+    after = ingest(source, state)
+    assert after.rebuilt
+    assert after.interactions.user_ids.tolist() == before.user_ids.tolist()
+    assert after.interactions.fingerprint == before.fingerprint
+
+
+def test_a_rewritten_partition_is_read_again_with_all_the_others(
+    source: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    _write(source / "2026-12-02.csv", [(3, 10, 1.0)])
+    ingest(source, state)
+    rewritten = _write(source / "2026-12-01.csv", [(1, 10, 1.0)])
+    os.utime(rewritten, ns=(1, 1))
+    result = ingest(source, state)
+    assert result.rebuilt
+    assert result.interactions.user_ids.tolist() == [1, 3]  # the old rows of 12-01 are gone
+
+
+def test_rows_of_a_deleted_partition_are_kept(source: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _write(source / "2026-12-02.csv", [(3, 10, 1.0)])
+    ingest(source, state)
+    (source / "2026-12-01.csv").unlink()
+    assert ingest(source, state).interactions.user_ids.tolist() == [1, 2, 3]
+
+
+def test_one_file_is_a_source_of_one_partition(tmp_path: Path) -> None:
+    path = _write(tmp_path / "all.csv", [(1, 10, 1.0)])
+    assert ingest(path, tmp_path / "state").interactions.playlist_ids.tolist() == [10]
+    with pytest.raises(EncoreError, match="neither a file nor a directory"):
+        ingest(tmp_path / "nowhere", tmp_path / "state")
+
+
+def test_likes_are_rows_of_their_weight(source: Path, tmp_path: Path) -> None:
+    base = ingest(source, tmp_path / "state").interactions
+    liked = with_likes(base, np.array([7]), np.array([11]), 2.5)
+    assert liked.user_ids.tolist() == [1, 2, 7] and liked.weights.tolist() == [1.0, 2.0, 2.5]
+    assert liked.fingerprint != base.fingerprint
+    assert with_likes(base, np.array([7]), np.array([11]), 0.0) is base

@@ -1,0 +1,80 @@
+"""A nightly run's first phases: ingest what is new in ``ENCORE_INTERACTIONS``, add the
+feedback page's likes, and rebuild the promoted model's pairings on all of it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+
+from encore.bundle import promoted_bundle
+from encore.database import Database
+from encore.errors import RunStopped
+from encore.settings import Settings
+
+logger = logging.getLogger("encore.scheduler.freshness")
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def refresh_for_night(settings: Settings, db: Database, stop: threading.Event) -> dict[str, float]:
+    """Ingest, add likes and refresh the promoted model when its data changed; return the
+    seconds of each phase. The refreshed version is promoted (the run then scores it)."""
+    from training.refresh import refresh_bundle
+    from training.source import ingest, with_likes
+
+    assert settings.interactions is not None
+    phases: dict[str, float] = {}
+    clock = time.perf_counter()
+    result = ingest(
+        settings.interactions, settings.ingest_dir, columns=settings.interactions_columns
+    )
+    users, playlists = liked_pairs(db)
+    data = with_likes(result.interactions, users, playlists, settings.like_weight)
+    phases["ingest"] = round(time.perf_counter() - clock, 3)
+    logger.info(
+        "ingest: %d new rows from %d partitions, %d set aside, %d likes, %d rows in all",
+        result.new_rows,
+        len(result.new_partitions),
+        len(result.set_aside),
+        len(users) if settings.like_weight > 0 else 0,
+        len(data),
+    )
+    if stop.is_set():
+        raise RunStopped("stopped on request before the refresh")
+    if len(data) == 0:
+        logger.warning("nothing admitted from %s yet: no refresh", settings.interactions)
+        return phases
+    base = promoted_bundle(settings.bundles_dir)
+    if base.metadata.get("data_fingerprint") == data.fingerprint:
+        logger.info("model %s is already fitted on these interactions", base.version)
+        return phases
+    experiment = db.get_experiment()
+    if experiment is not None and experiment.ended_at is None:
+        # Refreshing the champion would end the comparison (a promotion does): both arms keep
+        # their versions until the experiment ends.
+        logger.warning(
+            "experiment %s is running: model %s is not refreshed tonight",
+            experiment.experiment_id,
+            base.version,
+        )
+        return phases
+    clock = time.perf_counter()
+    refresh_bundle(data, settings.bundles_dir, base, ray_address=settings.ray_address)
+    phases["refresh"] = round(time.perf_counter() - clock, 3)
+    return phases
+
+
+def liked_pairs(db: Database) -> tuple[np.ndarray, np.ndarray]:
+    """(user_id, playlist_id) of every like recorded through the feedback page."""
+    users: list[int] = []
+    playlists: list[int] = []
+    for chunk in db.feedback_since(EPOCH):
+        for event in chunk:
+            if event.kind == "like" and event.liked_playlist_id is not None:
+                users.append(event.user_id)
+                playlists.append(event.liked_playlist_id)
+    return np.array(users, dtype=np.int64), np.array(playlists, dtype=np.int64)
