@@ -32,6 +32,10 @@ Scheduler (its own port) and run records:
 =======================================  =========  ==========================================
 encore_run_last_success_timestamp_seconds gauge     finish time of the last published run
 encore_run_duration_seconds              gauge      duration of the last published run
+encore_run_phase_seconds                 gauge      its phases, label phase=ingest|refresh|
+                                                    score|publish
+encore_ingest_rows                       gauge      interaction rows admitted so far
+encore_ingest_partitions_set_aside       gauge      partitions set aside for a bad row
 encore_run_users_scored                  gauge      users written by the last published run
 encore_run_cold_users                    gauge      users without candidates (popular lists)
 encore_run_cold_fraction                 gauge      cold users / users in that run

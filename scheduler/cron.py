@@ -172,6 +172,8 @@ def build_scheduler(settings: Settings, jobs: Jobs) -> BlockingScheduler:
 def metrics_registry(settings: Settings) -> RunMetrics:
     metrics = RunMetrics(CollectorRegistry())
     metrics.add_database(lambda: open_database(settings))
+    if settings.interactions is not None:
+        metrics.add_ingest(settings.ingest_dir / "ingest.json")
     return metrics
 
 

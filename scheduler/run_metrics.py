@@ -7,8 +7,10 @@ counters describe the runs this process did.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -52,6 +54,37 @@ class RunMetrics:
 
     def add_database(self, open_db: Callable[[], Database]) -> None:
         self.registry.register(LastRunCollector(open_db))
+
+    def add_ingest(self, manifest: Path) -> None:
+        self.registry.register(IngestCollector(manifest))
+
+
+class IngestCollector(Collector):
+    """The nightly ingest's partitions set aside and rows admitted, read from its manifest
+    (``ingest.json``, training/source.py) at scrape time, whichever process ingested."""
+
+    def __init__(self, manifest: Path) -> None:
+        self.manifest = manifest
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            state = json.loads(self.manifest.read_text())
+            statuses = [p["status"] for p in state["partitions"].values()]
+            rows = int(state["rows"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("cannot read the ingest state %s for metrics: %s", self.manifest, exc)
+            return
+        aside = GaugeMetricFamily(
+            names.INGEST_SET_ASIDE,
+            "Partitions of ENCORE_INTERACTIONS set aside (a bad row); `encore ingest status`.",
+        )
+        aside.add_metric([], statuses.count("set_aside"))
+        yield aside
+        admitted = GaugeMetricFamily(names.INGEST_ROWS, "Interaction rows admitted so far.")
+        admitted.add_metric([], rows)
+        yield admitted
 
 
 class DecileHistogram(Collector):

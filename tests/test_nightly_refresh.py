@@ -15,6 +15,8 @@ import numpy as np
 import orjson
 import pandas as pd
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from encore.bundle import promoted_bundle
 from encore.cli.ingest import night_preparation
@@ -55,11 +57,16 @@ def _write_day(settings: Settings, rows: pd.DataFrame, day: int) -> Path:
 
 
 def _night(settings: Settings):
-    Jobs(settings, metrics_registry(settings), prepare=night_preparation(settings)).nightly()
+    metrics = metrics_registry(settings)
+    Jobs(settings, metrics, prepare=night_preparation(settings)).nightly()
     with open_database(settings) as db:
         record = db.last_published()
     assert record is not None and record.status == "published"
-    return record
+    return record, {
+        (family.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for sample in family.samples
+    }
 
 
 def _lists(settings: Settings, run_id: str, users: np.ndarray) -> list[list[int] | None]:
@@ -106,7 +113,7 @@ def test_three_nights_new_users_likes_and_a_bad_partition(world) -> None:
     )
     newcomers = np.sort(rows.loc[rows["day"] == 2, "user_id"].unique())
 
-    night1 = _night(settings)
+    night1, _ = _night(settings)
     assert night1.model_version == trained.version  # nothing new since training
     assert set(night1.phases) == {"ingest", "score", "publish"}
     assert _lists(settings, night1.run_id, newcomers[:50]) == [None] * 50  # unknown: fallback
@@ -115,7 +122,7 @@ def test_three_nights_new_users_likes_and_a_bad_partition(world) -> None:
     _write_day(settings, rows, 2)
     bad = settings.interactions / "day-2b.csv"
     bad.write_text("user_id,playlist_id,weight\n1,2,1\n3,4,-1\n")
-    night2 = _night(settings)
+    night2, metrics = _night(settings)
     assert night2.model_version != trained.version
     assert set(night2.phases) == {"ingest", "refresh", "score", "publish"}
     refreshed = promoted_bundle(settings.bundles_dir)
@@ -127,6 +134,8 @@ def test_three_nights_new_users_likes_and_a_bad_partition(world) -> None:
     assert list(aside) == ["day-2b.csv"]
     assert str(bad) in aside["day-2b.csv"] and "line 3" in aside["day-2b.csv"]
     assert "'weight'" in aside["day-2b.csv"]
+    assert metrics[("encore_ingest_partitions_set_aside", ())] == 1
+    assert metrics[("encore_run_phase_seconds", (("phase", "refresh"),))] > 0
 
     # Day 3: a user likes the first playlist of their list on the page.
     user = int(newcomers[0])
@@ -135,7 +144,7 @@ def test_three_nights_new_users_likes_and_a_bad_partition(world) -> None:
     before = _candidates(user, settings)
     assert liked in before
     _like(settings, user, liked, night2.run_id)
-    night3 = _night(settings)
+    night3, _ = _night(settings)
     assert night3.model_version != night2.model_version
     after = _candidates(user, settings)
     assert liked not in after and after != before  # a seen playlist is no candidate

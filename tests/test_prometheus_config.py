@@ -28,6 +28,7 @@ EXPECTED_ALERTS = {
     "EncoreColdFractionHigh",
     "EncoreDriftHigh",
     "EncoreFeedbackFailures",
+    "EncorePartitionSetAside",
 }
 SEVERITIES = {"critical", "warning", "info"}
 

@@ -193,6 +193,8 @@ def _print_run(record) -> None:
         f"{record.users_scored:,} users, {record.cold_users:,} cold ({cold}), "
         f"model {record.model_version}, {record.duration_seconds or 0:.1f} s{drift}"
     )
+    if record.phases:
+        console.print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in record.phases.items()))
     if record.challenger_version:
         split = ", ".join(f"{v}: {n:,}" for v, n in (record.users_by_version or {}).items())
         console.print(
