@@ -36,6 +36,9 @@ encore_run_phase_seconds                 gauge      its phases, label phase=inge
                                                     score|publish
 encore_ingest_rows                       gauge      interaction rows admitted so far
 encore_ingest_partitions_set_aside       gauge      partitions set aside for a bad row
+encore_retrain_refused                   gauge      1: the last retrained ranker failed the gate
+encore_retrain_recall_at_10              gauge      recall@10 at that gate, label role=
+                                                    champion|challenger
 encore_run_users_scored                  gauge      users written by the last published run
 encore_run_cold_users                    gauge      users without candidates (popular lists)
 encore_run_cold_fraction                 gauge      cold users / users in that run
@@ -74,6 +77,8 @@ RUN_DURATION = "encore_run_duration_seconds"
 RUN_PHASE_SECONDS = "encore_run_phase_seconds"
 INGEST_SET_ASIDE = "encore_ingest_partitions_set_aside"
 INGEST_ROWS = "encore_ingest_rows"
+RETRAIN_REFUSED = "encore_retrain_refused"
+RETRAIN_RECALL = "encore_retrain_recall_at_10"
 RUN_USERS_SCORED = "encore_run_users_scored"
 RUN_COLD_USERS = "encore_run_cold_users"
 RUN_COLD_FRACTION = "encore_run_cold_fraction"

@@ -72,6 +72,19 @@ class Settings(BaseSettings):
     like_weight: float = Field(
         1.0, ge=0, description="Weight of a feedback-page like as an interaction; 0 = none."
     )
+    retrain_every_days: float = Field(
+        0,
+        ge=0,
+        description="With ENCORE_INTERACTIONS: retrain the ranker when it is this old, behind "
+        "the quality gate; 0 = never (the nightly refresh only).",
+    )
+    retrain_tolerance: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="The gate: a retrained ranker is promoted unless its recall@10 on the "
+        "latest data is below the champion's by more than this share.",
+    )
     run_grace_seconds: int = Field(
         48 * 3600, ge=0, description="How long a replaced run stays readable (rollback window)."
     )

@@ -173,7 +173,9 @@ def metrics_registry(settings: Settings) -> RunMetrics:
     metrics = RunMetrics(CollectorRegistry())
     metrics.add_database(lambda: open_database(settings))
     if settings.interactions is not None:
-        metrics.add_ingest(settings.ingest_dir / "ingest.json")
+        metrics.add_ingest(
+            settings.ingest_dir / "ingest.json", settings.ingest_dir.parent / "retrain.json"
+        )
     return metrics
 
 

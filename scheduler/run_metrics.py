@@ -55,8 +55,41 @@ class RunMetrics:
     def add_database(self, open_db: Callable[[], Database]) -> None:
         self.registry.register(LastRunCollector(open_db))
 
-    def add_ingest(self, manifest: Path) -> None:
+    def add_ingest(self, manifest: Path, gate: Path) -> None:
         self.registry.register(IngestCollector(manifest))
+        self.registry.register(RetrainGateCollector(gate))
+
+
+class RetrainGateCollector(Collector):
+    """The last retraining's gate (``retrain.json``, training/retrain.py), at scrape time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            gate = json.loads(self.path.read_text())
+            refused = 0.0 if gate["promoted"] else 1.0
+            recalls = (gate["champion_recall@10"], gate["challenger_recall@10"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("cannot read the retraining gate %s for metrics: %s", self.path, exc)
+            return
+        family = GaugeMetricFamily(
+            names.RETRAIN_REFUSED,
+            "1 when the last retrained ranker was refused by the quality gate (kept unpromoted).",
+        )
+        family.add_metric([], refused)
+        yield family
+        recall = GaugeMetricFamily(
+            names.RETRAIN_RECALL,
+            "recall@10 on the latest data at the last gate, champion and challenger.",
+            labels=["role"],
+        )
+        for role, value in zip(("champion", "challenger"), recalls, strict=True):
+            recall.add_metric([role], float(value))
+        yield recall
 
 
 class IngestCollector(Collector):

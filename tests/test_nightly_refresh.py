@@ -149,3 +149,50 @@ def test_three_nights_new_users_likes_and_a_bad_partition(world) -> None:
     after = _candidates(user, settings)
     assert liked not in after and after != before  # a seen playlist is no candidate
     assert liked not in _lists(settings, night3.run_id, np.array([user]))[0]
+
+
+def test_a_worse_retrained_ranker_is_refused_by_the_gate(world) -> None:
+    from training.retrain import read_gate_result, retrain_with_gate
+
+    settings, rows = world
+    trained, _ = train_bundle(
+        read_interactions(_write_day(settings, rows, 1)),
+        settings.bundles_dir,
+        TrainParams(dim=16, epochs=3),
+        run_evaluation=False,
+    )
+    _write_day(settings, rows, 2)
+    latest = read_interactions(settings.interactions / "day-2.csv")
+    state = settings.home / "state"
+    # A crippled challenger: two neighbours, three candidates, no item model, one epoch.
+    crippled = TrainParams(
+        dim=4, epochs=1, neighbours=2, candidates=3, item_method="none", popularity_penalty=0.0
+    )
+    result = retrain_with_gate(
+        latest, settings.bundles_dir, trained, tolerance=0.02, state_dir=state, params=crippled
+    )
+    assert result.challenger_recall < result.champion_recall * 0.98
+    assert not result.promoted
+    assert promoted_bundle(settings.bundles_dir).version == trained.version  # kept, unpromoted
+    assert result.challenger.metadata["metrics"]["gate"]["champion"] == trained.version
+    assert read_gate_result(state)["promoted"] is False
+
+
+def test_the_nightly_job_retrains_when_due_and_promotes_what_passes(world) -> None:
+    settings, rows = world
+    settings = settings.model_copy(update={"retrain_every_days": 1e-9, "retrain_tolerance": 0.9})
+    trained, _ = train_bundle(
+        read_interactions(_write_day(settings, rows, 1)),
+        settings.bundles_dir,
+        TrainParams(dim=16, epochs=3, ease_lambda=100.0, popularity_penalty=0.0),
+        run_evaluation=False,
+    )
+    _write_day(settings, rows, 2)
+    night, metrics = _night(settings)
+    assert set(night.phases) == {"ingest", "retrain", "score", "publish"}
+    retrained = promoted_bundle(settings.bundles_dir)
+    assert retrained.version == night.model_version != trained.version
+    assert "refreshed_from" not in retrained.metadata
+    assert retrained.metadata["metrics"]["gate"]["champion"] == trained.version
+    assert metrics[("encore_retrain_refused", ())] == 0
+    assert metrics[("encore_retrain_recall_at_10", (("role", "challenger"),))] > 0

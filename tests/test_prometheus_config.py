@@ -29,6 +29,7 @@ EXPECTED_ALERTS = {
     "EncoreDriftHigh",
     "EncoreFeedbackFailures",
     "EncorePartitionSetAside",
+    "EncoreRetrainRefused",
 }
 SEVERITIES = {"critical", "warning", "info"}
 

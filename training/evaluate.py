@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,8 +77,17 @@ class Split:
     seconds: float
 
 
+# Fits a pipeline on (user codes, item codes, weights, shape): training's ``fit`` by default;
+# the retraining gate passes one that installs the champion's trained ranker instead.
+Fitter = Callable[[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]], FittedModel]
+
+
 def fit_split(
-    interactions: Interactions, params: TrainParams, *, progress: Progress | None = None
+    interactions: Interactions,
+    params: TrainParams,
+    *,
+    progress: Progress | None = None,
+    fitter: Fitter | None = None,
 ) -> Split:
     """Hold out per the protocol and fit on the rest."""
     users, user_codes = encode(interactions.user_ids)
@@ -88,9 +98,12 @@ def fit_split(
     )
     held = holdout_mask(user_codes)
     clock = time.perf_counter()
-    fitted = fit(
-        user_codes[~held], item_codes[~held], weights[~held], shape, params, progress=progress
-    )
+    if fitter is None:
+        fitted = fit(
+            user_codes[~held], item_codes[~held], weights[~held], shape, params, progress=progress
+        )
+    else:
+        fitted = fitter(user_codes[~held], item_codes[~held], weights[~held], shape)
     seconds = time.perf_counter() - clock
     order = np.argsort(user_codes[held], kind="stable")
     held_users = user_codes[held][order]
@@ -105,11 +118,12 @@ def evaluate(
     progress: Progress | None = None,
     batch_users: int = 4096,
     sweep: tuple[float, ...] | None = None,
+    fitter: Fitter | None = None,
 ) -> Evaluation:
     """Hold out per the protocol, fit on the rest, and score both rankers. With ``sweep``
     (popularity penalties), also measure the lists each penalty would give: a trade-off to
     look at, never used to choose (the penalty is chosen on the inner split)."""
-    split = fit_split(interactions, params, progress=progress)
+    split = fit_split(interactions, params, progress=progress, fitter=fitter)
     fitted, held_indptr, held_items = split.fitted, split.held_indptr, split.held_items
     shape = fitted.matrix.shape
     model_top = recommend_all(fitted, batch_users=batch_users)

@@ -14,6 +14,9 @@ from encore.bundle import promoted_bundle
 from encore.database import Database
 from encore.errors import RunStopped
 from encore.settings import Settings
+from training.refresh import refresh_bundle
+from training.retrain import retrain_due, retrain_with_gate
+from training.source import ingest, with_likes
 
 logger = logging.getLogger("encore.scheduler.freshness")
 
@@ -22,9 +25,11 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def refresh_for_night(settings: Settings, db: Database, stop: threading.Event) -> dict[str, float]:
     """Ingest, add likes and refresh the promoted model when its data changed; return the
-    seconds of each phase. The refreshed version is promoted (the run then scores it)."""
-    from training.refresh import refresh_bundle
-    from training.source import ingest, with_likes
+    seconds of each phase. The refreshed version is promoted (the run then scores it).
+
+    When the champion's ranker is older than ENCORE_RETRAIN_EVERY_DAYS, a new one is trained
+    first, behind the quality gate: promoted if it passes, otherwise kept unpromoted (an alert
+    fires) and the champion is refreshed as on any other night."""
 
     assert settings.interactions is not None
     phases: dict[str, float] = {}
@@ -62,6 +67,20 @@ def refresh_for_night(settings: Settings, db: Database, stop: threading.Event) -
             base.version,
         )
         return phases
+    state_dir = settings.ingest_dir.parent
+    every = settings.retrain_every_days * 86400
+    if retrain_due(base, settings.bundles_dir, state_dir, every):
+        clock = time.perf_counter()
+        gate = retrain_with_gate(
+            data,
+            settings.bundles_dir,
+            base,
+            tolerance=settings.retrain_tolerance,
+            state_dir=state_dir,
+        )
+        phases["retrain"] = round(time.perf_counter() - clock, 3)
+        if gate.promoted:  # trained on these very interactions: nothing to refresh
+            return phases
     clock = time.perf_counter()
     refresh_bundle(data, settings.bundles_dir, base, ray_address=settings.ray_address)
     phases["refresh"] = round(time.perf_counter() - clock, 3)

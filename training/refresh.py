@@ -50,30 +50,15 @@ def base_params(base: Bundle) -> TrainParams:
     return TrainParams(**values)
 
 
-def refresh_bundle(
-    interactions: Interactions,
-    bundles_dir: Path,
-    base: Bundle,
-    *,
-    promote_bundle: bool = True,
-    ray_address: str | None = None,
-    progress: Progress | None = None,
-) -> Bundle:
-    """A new version of ``base``'s ranker over ``interactions``; promoted unless told not to."""
+def trained_ranker(base: Bundle, shape: tuple[int, int]) -> Ranker:
+    """``base``'s trained ranker (its layers and feature scaling) with empty tables of
+    ``shape`` (users, playlists), for ``fit_serving`` to fill."""
     spec = base.metadata.get("model", {})
     if spec.get("kind", "ranker") != "ranker":
         raise EncoreError(
             f"model {base.version} is an exported program: its tables cannot be rebuilt "
             "(train a new one, or import one trained on the latest data)"
         )
-    clock = time.perf_counter()
-    params = dataclasses.replace(base_params(base), ray_address=ray_address)
-    users, user_codes = encode(interactions.user_ids)
-    items, item_codes = encode(interactions.playlist_ids)
-    user_codes, item_codes, weights = merge_repeats(
-        user_codes, item_codes, interactions.weights, len(items)
-    )
-    shape = (len(users), len(items))
     ranker = Ranker(
         *shape,
         dim=spec["dim"],
@@ -87,6 +72,28 @@ def refresh_bundle(
     missing, unexpected = ranker.load_state_dict(learnt, strict=False)
     if unexpected or set(missing) - set(TABLE_KEYS):
         raise EncoreError(f"model {base.version}'s weights do not fit its spec: {missing}")
+    return ranker
+
+
+def refresh_bundle(
+    interactions: Interactions,
+    bundles_dir: Path,
+    base: Bundle,
+    *,
+    promote_bundle: bool = True,
+    ray_address: str | None = None,
+    progress: Progress | None = None,
+) -> Bundle:
+    """A new version of ``base``'s ranker over ``interactions``; promoted unless told not to."""
+    clock = time.perf_counter()
+    params = dataclasses.replace(base_params(base), ray_address=ray_address)
+    users, user_codes = encode(interactions.user_ids)
+    items, item_codes = encode(interactions.playlist_ids)
+    user_codes, item_codes, weights = merge_repeats(
+        user_codes, item_codes, interactions.weights, len(items)
+    )
+    shape = (len(users), len(items))
+    ranker = trained_ranker(base, shape)
     with tempfile.TemporaryDirectory(prefix=".pairings-", dir=bundles_dir) as spill:
         fitted = fit_serving(
             user_codes,
