@@ -42,6 +42,14 @@ def demo(
     serve_after: Annotated[
         bool, typer.Option("--serve/--no-serve", help="Serve until Ctrl-C once published.")
     ] = True,
+    nights: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Then simulate this many nights: new users, likes and a shift of taste "
+            "flowing through the nightly pipeline (ingest, refresh, score, publish).",
+        ),
+    ] = 0,
 ) -> None:
     """Generate data, train, publish a run, then serve the API, page and scheduler."""
     from scheduler.cron import metrics_registry
@@ -56,10 +64,17 @@ def demo(
         sep={"\\t": "\t", "tab": "\t"}.get(sep, sep) if sep else None,
         users=users,
         playlists=playlists,
-        fresh=fresh or interactions is not None,
+        # The nights start from a model trained on the first day's data.
+        fresh=fresh or interactions is not None or nights > 0,
         run_evaluation=run_evaluation,
         metrics=metrics,
     )
+    if nights:
+        from encore.bundle import promoted_bundle
+        from encore.cli.demo_nights import simulate_nights
+
+        trained_on = Path(promoted_bundle(settings.bundles_dir).metadata["data"]["path"])
+        simulate_nights(settings, trained_on, nights)
     if serve_after:
         serve(settings, host=host, port=port, metrics=metrics)
 
