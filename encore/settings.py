@@ -72,6 +72,18 @@ class Settings(BaseSettings):
     like_weight: float = Field(
         1.0, ge=0, description="Weight of a feedback-page like as an interaction; 0 = none."
     )
+    refresh_mode: str = Field(
+        "auto",
+        pattern="^(auto|full)$",
+        description="auto: a night pairs again only the users with new activity when they are "
+        "few (ENCORE_INCREMENTAL_MAX_SHARE); full: every night rebuilds every pairing.",
+    )
+    incremental_max_share: float = Field(
+        0.1, gt=0, le=1, description="Above this share of users changed, a refresh is full."
+    )
+    full_refresh_every_days: float = Field(
+        7, ge=0, description="A full refresh at least this often (0 = every night)."
+    )
     retrain_every_days: float = Field(
         0,
         ge=0,

@@ -144,11 +144,17 @@ def test_three_nights_new_users_likes_and_a_bad_partition(world) -> None:
     before = _candidates(user, settings)
     assert liked in before
     _like(settings, user, liked, night2.run_id)
+    others = [int(u) for u in newcomers[1:40]]
+    others_before = {u: _candidates(u, settings) for u in others}
     night3, _ = _night(settings)
     assert night3.model_version != night2.model_version
+    # One user changed: only they are paired again (an incremental refresh).
+    assert "refresh_incremental" in night3.phases
+    assert promoted_bundle(settings.bundles_dir).metadata["training"]["users_paired"] == 1
     after = _candidates(user, settings)
     assert liked not in after and after != before  # a seen playlist is no candidate
     assert liked not in _lists(settings, night3.run_id, np.array([user]))[0]
+    assert {u: _candidates(u, settings) for u in others} == others_before
 
 
 def test_a_worse_retrained_ranker_is_refused_by_the_gate(world) -> None:

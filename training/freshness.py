@@ -10,10 +10,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from encore.bundle import promoted_bundle
+from encore.bundle import Bundle, promoted_bundle
 from encore.database import Database
 from encore.errors import RunStopped
 from encore.settings import Settings
+from training.incremental import refresh_incremental
 from training.refresh import refresh_bundle
 from training.retrain import retrain_due, retrain_with_gate
 from training.source import ingest, with_likes
@@ -82,9 +83,36 @@ def refresh_for_night(settings: Settings, db: Database, stop: threading.Event) -
         if gate.promoted:  # trained on these very interactions: nothing to refresh
             return phases
     clock = time.perf_counter()
-    refresh_bundle(data, settings.bundles_dir, base, ray_address=settings.ray_address)
-    phases["refresh"] = round(time.perf_counter() - clock, 3)
+    refreshed = None
+    if settings.refresh_mode == "auto" and not _full_refresh_due(base, settings):
+        refreshed = refresh_incremental(
+            data,
+            settings.bundles_dir,
+            base,
+            state_dir=state_dir,
+            max_changed_share=settings.incremental_max_share,
+            ray_address=settings.ray_address,
+        )
+    if refreshed is None:
+        refresh_bundle(
+            data,
+            settings.bundles_dir,
+            base,
+            ray_address=settings.ray_address,
+            state_dir=state_dir,
+        )
+    phases["refresh" if refreshed is None else "refresh_incremental"] = round(
+        time.perf_counter() - clock, 3
+    )
     return phases
+
+
+def _full_refresh_due(base: Bundle, settings: Settings) -> bool:
+    last = base.metadata.get("full_refresh_at")
+    if last is None:
+        return True
+    age = datetime.now(UTC) - datetime.fromisoformat(last)
+    return age.total_seconds() >= settings.full_refresh_every_days * 86400
 
 
 def liked_pairs(db: Database) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +24,7 @@ from encore.progress import Progress
 from inference.ranker import LEGACY_FEATURES, Ranker
 from training.fit import TrainParams, fit_serving
 from training.ingest import Interactions
+from training.item_state import save_item_model
 from training.matrix import encode, merge_repeats
 from training.train import bundle_contents, model_spec
 
@@ -82,9 +84,11 @@ def refresh_bundle(
     *,
     promote_bundle: bool = True,
     ray_address: str | None = None,
+    state_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> Bundle:
-    """A new version of ``base``'s ranker over ``interactions``; promoted unless told not to."""
+    """A new version of ``base``'s ranker over ``interactions``; promoted unless told not to.
+    With ``state_dir``, its item model is kept there for the next incremental refresh."""
     clock = time.perf_counter()
     params = dataclasses.replace(base_params(base), ray_address=ray_address)
     users, user_codes = encode(interactions.user_ids)
@@ -124,6 +128,7 @@ def refresh_bundle(
             # Measured on the base's data: this version's ranker is the base's.
             "metrics": {},
             "refreshed_from": base.metadata.get("refreshed_from") or base.version,
+            "full_refresh_at": datetime.now(UTC).isoformat(),
             "training": {
                 "kind": "refresh",
                 "seconds": round(time.perf_counter() - clock, 2),
@@ -137,6 +142,8 @@ def refresh_bundle(
             metadata=metadata,
             write_contents=bundle_contents(fitted, users.ids, items.ids, catalog),
         )
+    if state_dir is not None:
+        save_item_model(state_dir, fitted.item_model, bundle.version)
     if promote_bundle:
         promote(bundles_dir, bundle.version)
     logger.info("refreshed %s as %s: %d users, %d playlists", base.version, bundle.version, *shape)
