@@ -59,9 +59,10 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="encore-nightly-bench-"))
     source = home / "interactions"
     source.mkdir()
-    os.link(data, source / "night-0.parquet") if _same_fs(data, source) else shutil.copy(
-        data, source / "night-0.parquet"
-    )
+    if _same_fs(data, source):
+        os.link(data, source / "night-0.parquet")
+    else:
+        shutil.copy(data, source / "night-0.parquet")
     prefix = f"bench-nightly-{uuid.uuid4().hex[:8]}"
     settings = Settings(
         home=home,
@@ -76,7 +77,7 @@ def main() -> None:
             db.upgrade()
         build_random_bundle(settings.bundles_dir, users=1000, playlists=1000, candidates=125)
         clock = time.perf_counter()
-        night0 = run_full(settings, kind="scheduled", prepare=night_preparation(settings))
+        run_full(settings, kind="scheduled", prepare=night_preparation(settings))
         night0_seconds = time.perf_counter() - clock
         base = promoted_bundle(settings.bundles_dir)
 
@@ -137,7 +138,13 @@ def _new_partition(rows: pd.DataFrame, args, path: Path) -> None:
     models = rng.choice(known, newcomers, replace=False)
     copied = rows[rows["user_id"].isin(models)].copy()
     copied["user_id"] = copied["user_id"].map(
-        dict(zip(models.tolist(), (int(known.max()) + 1 + np.arange(newcomers)).tolist()))
+        dict(
+            zip(
+                models.tolist(),
+                (int(known.max()) + 1 + np.arange(newcomers)).tolist(),
+                strict=True,
+            )
+        )
     )
     pd.concat([fresh, copied], ignore_index=True).to_parquet(path, index=False)
 
