@@ -123,3 +123,35 @@ def test_likes_are_rows_of_their_weight(source: Path, tmp_path: Path) -> None:
     assert liked.user_ids.tolist() == [1, 2, 7] and liked.weights.tolist() == [1.0, 2.0, 2.5]
     assert liked.fingerprint != base.fingerprint
     assert with_likes(base, np.array([7]), np.array([11]), 0.0) is base
+
+
+def test_old_refreshed_versions_are_pruned_but_the_protected_ones(tmp_path: Path) -> None:
+    import json
+
+    from encore.bundle import list_bundles, promote
+    from tests.random_bundle import build_random_bundle
+    from training.freshness import prune_refreshed
+
+    bundles = tmp_path / "bundles"
+    trained = build_random_bundle(
+        bundles, users=20, playlists=10, candidates=5, version="v0-trained"
+    )
+    versions = []
+    for night in range(1, 7):
+        bundle = build_random_bundle(
+            bundles,
+            users=20,
+            playlists=10,
+            candidates=5,
+            version=f"v{night}-refreshed",
+            promote_it=False,
+        )
+        meta = json.loads((bundle.path / "metadata.json").read_text())
+        meta["refreshed_from"] = trained.version
+        (bundle.path / "metadata.json").write_text(json.dumps(meta))
+        versions.append(bundle.version)
+    promote(bundles, "v5-refreshed")
+    deleted = prune_refreshed(bundles, keep=2, protect={"v2-refreshed"})
+    assert deleted == ["v1-refreshed", "v3-refreshed", "v4-refreshed"]
+    left = [b.version for b in list_bundles(bundles)]
+    assert left == ["v0-trained", "v2-refreshed", "v5-refreshed", "v6-refreshed"]

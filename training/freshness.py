@@ -4,13 +4,15 @@ feedback page's likes, and rebuild the promoted model's pairings on all of it.""
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 
-from encore.bundle import Bundle, promoted_bundle
+from encore.bundle import Bundle, list_bundles, promoted_bundle, promoted_version
 from encore.database import Database
 from encore.errors import RunStopped
 from encore.settings import Settings
@@ -22,6 +24,9 @@ from training.source import ingest, with_likes
 logger = logging.getLogger("encore.scheduler.freshness")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Refreshed versions kept (newest first), besides the promoted and the served one: a new one
+# every night, each as large as the pairings.
+KEEP_REFRESHED = 3
 
 
 def refresh_for_night(settings: Settings, db: Database, stop: threading.Event) -> dict[str, float]:
@@ -104,7 +109,30 @@ def refresh_for_night(settings: Settings, db: Database, stop: threading.Event) -
     phases["refresh" if refreshed is None else "refresh_incremental"] = round(
         time.perf_counter() - clock, 3
     )
+    served = db.last_published()
+    prune_refreshed(
+        settings.bundles_dir,
+        keep=KEEP_REFRESHED,
+        protect={base.version} | ({served.model_version} if served else set()),
+    )
     return phases
+
+
+def prune_refreshed(bundles_dir: Path, *, keep: int, protect: set[str | None]) -> list[str]:
+    """Delete refreshed versions but the newest ``keep``, the promoted one and ``protect``
+    (the version the served run scored with: a backfill writes into that run with it).
+    Trained versions are never deleted here. Returns the versions deleted."""
+    promoted = promoted_version(bundles_dir)
+    refreshed = [b for b in list_bundles(bundles_dir) if b.metadata.get("refreshed_from")]
+    deleted = []
+    for bundle in refreshed[: max(0, len(refreshed) - keep)]:
+        if bundle.version in protect or bundle.version == promoted:
+            continue
+        shutil.rmtree(bundle.path, ignore_errors=True)
+        deleted.append(bundle.version)
+    if deleted:
+        logger.info("deleted %d refreshed versions: %s", len(deleted), ", ".join(deleted))
+    return deleted
 
 
 def _full_refresh_due(base: Bundle, settings: Settings) -> bool:
