@@ -102,6 +102,9 @@ WORKER_COMMANDS = {
     "scheduler": [],
     "demo": ["--no-serve"],
     "feedback export": ["--since", "2026-11-01", "--out", "feedback.parquet"],
+    "ingest now": [],
+    "ingest status": [],
+    "ingest readmit": ["day-1.csv"],
 }
 ONE_LINE = re.compile(
     r"error: `encore (?P<command>[a-z ]+)` needs the worker packages"
