@@ -202,3 +202,60 @@ def test_the_nightly_job_retrains_when_due_and_promotes_what_passes(world) -> No
     assert retrained.metadata["metrics"]["gate"]["champion"] == trained.version
     assert metrics[("encore_retrain_refused", ())] == 0
     assert metrics[("encore_retrain_recall_at_10", (("role", "challenger"),))] > 0
+
+
+def test_the_nightly_job_refuses_a_worse_retrained_ranker_and_still_publishes(
+    world, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, rows = world
+    settings = settings.model_copy(update={"retrain_every_days": 1e-9})
+    trained, _ = train_bundle(
+        read_interactions(_write_day(settings, rows, 1)),
+        settings.bundles_dir,
+        TrainParams(dim=16, epochs=3),
+        run_evaluation=False,
+    )
+    # This retraining is crippled: two neighbours, three candidates, no item model, one epoch.
+    crippled = TrainParams(
+        dim=4, epochs=1, neighbours=2, candidates=3, item_method="none", popularity_penalty=0.0
+    )
+    monkeypatch.setattr("training.retrain.retrain_params", lambda champion: crippled)
+    _write_day(settings, rows, 2)
+    night, metrics = _night(settings)
+    assert set(night.phases) == {"ingest", "retrain", "refresh", "score", "publish"}
+    served = promoted_bundle(settings.bundles_dir)
+    assert served.metadata["refreshed_from"] == trained.version  # the champion, refreshed
+    assert metrics[("encore_retrain_refused", ())] == 1
+    challenger = metrics[("encore_retrain_recall_at_10", (("role", "challenger"),))]
+    champion = metrics[("encore_retrain_recall_at_10", (("role", "champion"),))]
+    assert challenger < champion * (1 - settings.retrain_tolerance)
+
+
+def test_a_shift_of_taste_raises_the_drift_between_nights(world) -> None:
+    settings, rows = world
+    train_bundle(
+        read_interactions(_write_day(settings, rows, 1)),
+        settings.bundles_dir,
+        TrainParams(dim=16, epochs=3),
+        run_evaluation=False,
+    )
+    quiet, _ = _night(settings)
+    # A night like the others: a few more listens of what users already like.
+    _write_day(settings, rows.sample(frac=0.02, random_state=1).assign(day=3), 3)
+    calm, _ = _night(settings)
+    # A shift: 40 % of the users turn to ten playlists that were among the least played.
+    rng = np.random.default_rng(7)
+    users = rng.choice(rows["user_id"].unique(), int(0.4 * rows["user_id"].nunique()), False)
+    rare = rows["playlist_id"].value_counts().index[-60:-50].to_numpy()
+    shift = pd.DataFrame(
+        {
+            "user_id": np.repeat(users, 4),
+            "playlist_id": rng.choice(rare, 4 * len(users)),
+            "weight": 20.0,
+            "day": 4,
+        }
+    ).drop_duplicates(["user_id", "playlist_id"])
+    _write_day(settings, shift, 4)
+    shifted, _ = _night(settings)
+    assert quiet.drift_score is None and calm.drift_score is not None  # no night before
+    assert shifted.drift_score > max(0.05, 10 * calm.drift_score)
