@@ -178,4 +178,4 @@ class SeenItems:
         indptr = np.r_[0, np.cumsum(lengths)]
         positions = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
         ranks = self.rank_of[np.asarray(self.items[positions], dtype=np.int64)]
-        return complete_with_popular(top, indptr, ranks, self.head)
+        return complete_with_popular(top, indptr, ranks, self.head, self.rank_of)

@@ -61,20 +61,26 @@ def popular_fill(
 
 
 def complete_with_popular(
-    top: np.ndarray, seen_indptr: np.ndarray, seen_ranks: np.ndarray, head: np.ndarray
+    top: np.ndarray,
+    seen_indptr: np.ndarray,
+    seen_ranks: np.ndarray,
+    head: np.ndarray,
+    rank_of: np.ndarray | None = None,
 ) -> np.ndarray:
     """``top`` (item codes, -1 in free slots at the end of a row) with each row's free slots
     taken, in order, by the most popular items the row has neither seen nor listed.
 
     ``seen_indptr``/``seen_ranks`` are the rows' seen items as popularity ranks; ``head`` is
-    the item codes by popularity (``head[rank]``).
+    the item codes by popularity (``head[rank]``); ``rank_of`` its inverse, when the caller
+    keeps it (the nightly run calls this once per batch: rebuilding it costs O(playlists)).
     """
     top = np.array(top, dtype=np.int64, copy=True)
     free = top < 0
     if not free.any():
         return top
-    rank_of = np.empty(len(head), dtype=np.int64)
-    rank_of[head] = np.arange(len(head))
+    if rank_of is None:
+        rank_of = np.empty(len(head), dtype=np.int64)
+        rank_of[head] = np.arange(len(head))
     held_row, held_col = np.nonzero(~free)
     fill_row, fill_rank = popular_fill(
         seen_indptr,
