@@ -155,3 +155,31 @@ def test_old_refreshed_versions_are_pruned_but_the_protected_ones(tmp_path: Path
     assert deleted == ["v1-refreshed", "v3-refreshed", "v4-refreshed"]
     left = [b.version for b in list_bundles(bundles)]
     assert left == ["v0-trained", "v2-refreshed", "v5-refreshed", "v6-refreshed"]
+
+
+def test_train_without_interactions_reads_the_source(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from encore.bundle import promoted_bundle
+    from encore.cli import app
+    from encore.settings import get_settings
+
+    rng = np.random.default_rng(0)
+    for day in (2, 3):
+        rows = [(int(u), int(p), 1.0) for u, p in rng.integers(0, 60, (400, 2))]
+        _write(source / f"2026-12-0{day}.csv", rows)
+    monkeypatch.setenv("ENCORE_INTERACTIONS", str(source))
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["train", "--no-evaluate"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    settings = get_settings()
+    bundle = promoted_bundle(settings.bundles_dir)
+    state = source_state(settings.ingest_dir)
+    assert bundle.metadata["data_fingerprint"] == state.fingerprint
+    assert bundle.metadata["data"]["rows"] == state.rows == 802
+    monkeypatch.delenv("ENCORE_INTERACTIONS")
+    get_settings.cache_clear()
+    refused = CliRunner().invoke(app, ["train"])
+    assert refused.exit_code != 0 and "ENCORE_INTERACTIONS" in refused.output
