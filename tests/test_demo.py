@@ -59,7 +59,10 @@ def test_the_demos_nights_grow_the_users_and_use_the_likes(
         run_evaluation=False,
     )
     trained = promoted_bundle(settings.bundles_dir)
-    simulate_nights(settings, settings.home / "demo-data" / "interactions.parquet", 2)
+    import pandas as pd
+
+    first_day = pd.read_parquet(settings.home / "demo-data" / "interactions.parquet")
+    simulate_nights(settings, first_day, 2)
     with open_database(settings) as db:
         runs = [r for r in db.list_runs() if r.kind == "scheduled"]
         likes = sum(len(chunk) for chunk in db.feedback_since(datetime(1970, 1, 1, tzinfo=UTC)))

@@ -98,8 +98,10 @@ def test_a_rewritten_partition_is_read_again_with_all_the_others(
     rewritten = _write(source / "2026-12-01.csv", [(1, 10, 1.0)])
     os.utime(rewritten, ns=(1, 1))
     result = ingest(source, state)
-    assert result.rebuilt
-    assert result.interactions.user_ids.tolist() == [1, 3]  # the old rows of 12-01 are gone
+    assert not result.rebuilt and result.new_partitions == ["2026-12-01.csv"]
+    assert result.interactions.user_ids.tolist() == [3, 1]  # the old rows of 12-01 are gone
+    again = ingest(tmp_path / "interactions", tmp_path / "rebuilt")  # the same rows, read anew
+    assert sorted(again.interactions.user_ids.tolist()) == [1, 3]
 
 
 def test_rows_of_a_deleted_partition_are_kept(source: Path, tmp_path: Path) -> None:
@@ -108,6 +110,14 @@ def test_rows_of_a_deleted_partition_are_kept(source: Path, tmp_path: Path) -> N
     ingest(source, state)
     (source / "2026-12-01.csv").unlink()
     assert ingest(source, state).interactions.user_ids.tolist() == [1, 2, 3]
+    # Another partition rewritten: only its rows are read again, the deleted one's stay.
+    rewritten = _write(source / "2026-12-02.csv", [(4, 10, 1.0)])
+    os.utime(rewritten, ns=(1, 1))
+    assert ingest(source, state).interactions.user_ids.tolist() == [1, 2, 4]
+    # Rows lost with a partition gone: refused, not silently rebuilt without them.
+    (state / "rows" / "user_ids.npy").unlink()
+    with pytest.raises(EncoreError, match=r"2026-12-01\.csv are no longer in"):
+        ingest(source, state)
 
 
 def test_one_file_is_a_source_of_one_partition(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from encore.errors import RunStopped
 from encore.settings import Settings
 from training.incremental import refresh_incremental
 from training.refresh import refresh_bundle
-from training.retrain import retrain_due, retrain_with_gate
+from training.retrain import record_failed_retrain, retrain_due, retrain_with_gate
 from training.source import ingest, with_likes
 
 logger = logging.getLogger("encore.scheduler.freshness")
@@ -73,22 +73,66 @@ def refresh_for_night(settings: Settings, db: Database, stop: threading.Event) -
             base.version,
         )
         return phases
+    if base.metadata.get("model", {}).get("kind", "ranker") != "ranker":
+        logger.warning(
+            "model %s is an exported program: its pairings cannot be refreshed; it scores the "
+            "pairings it came with",
+            base.version,
+        )
+        return phases
     state_dir = settings.ingest_dir.parent
     every = settings.retrain_every_days * 86400
     if retrain_due(base, settings.bundles_dir, state_dir, every):
         clock = time.perf_counter()
-        gate = retrain_with_gate(
-            data,
-            settings.bundles_dir,
-            base,
-            tolerance=settings.retrain_tolerance,
-            state_dir=state_dir,
-        )
+        try:
+            gate = retrain_with_gate(
+                data,
+                settings.bundles_dir,
+                base,
+                tolerance=settings.retrain_tolerance,
+                state_dir=state_dir,
+            )
+        except Exception as exc:
+            # The night still publishes (the champion, refreshed below); the attempt is
+            # recorded as refused so that it is not retried before the next period.
+            logger.exception("retraining failed: %s", exc)
+            record_failed_retrain(state_dir, base.version, exc)
+        else:
+            if gate.promoted:  # trained on these very interactions: nothing to refresh
+                phases["retrain"] = round(time.perf_counter() - clock, 3)
+                return phases
         phases["retrain"] = round(time.perf_counter() - clock, 3)
-        if gate.promoted:  # trained on these very interactions: nothing to refresh
-            return phases
     clock = time.perf_counter()
-    refreshed = None
+    try:
+        phase = _refresh(settings, data, base, state_dir)
+    except (RunStopped, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        # A failed refresh must not cost the night: the promoted model scores as it is.
+        logger.exception("refreshing model %s failed, scoring it as it is: %s", base.version, exc)
+        return phases
+    phases[phase] = round(time.perf_counter() - clock, 3)
+    prune_refreshed(
+        settings.bundles_dir, keep=KEEP_REFRESHED, protect=_in_use(db, settings) | {base.version}
+    )
+    return phases
+
+
+def _in_use(db: Database, settings: Settings) -> set[str | None]:
+    """Versions a run still readable may need: a backfill into it, or a rollback to it, scores
+    with the version it was published with."""
+    horizon = datetime.now(UTC).timestamp() - settings.run_grace_seconds
+    versions: set[str | None] = set()
+    for run in db.list_runs(limit=1000):
+        finished = run.finished_at.timestamp() if run.finished_at else float("inf")
+        if finished >= horizon or run.status in ("queued", "running", "publishing"):
+            versions.add(run.model_version)
+            versions.update((run.users_by_version or {}).keys())
+    return versions
+
+
+def _refresh(settings: Settings, data, base: Bundle, state_dir: Path) -> str:
+    """An incremental refresh when possible and cheaper, else a full one; returns the phase."""
     if settings.refresh_mode == "auto" and not _full_refresh_due(base, settings):
         refreshed = refresh_incremental(
             data,
@@ -98,24 +142,12 @@ def refresh_for_night(settings: Settings, db: Database, stop: threading.Event) -
             max_changed_share=settings.incremental_max_share,
             ray_address=settings.ray_address,
         )
-    if refreshed is None:
-        refresh_bundle(
-            data,
-            settings.bundles_dir,
-            base,
-            ray_address=settings.ray_address,
-            state_dir=state_dir,
-        )
-    phases["refresh" if refreshed is None else "refresh_incremental"] = round(
-        time.perf_counter() - clock, 3
+        if refreshed is not None:
+            return "refresh_incremental"
+    refresh_bundle(
+        data, settings.bundles_dir, base, ray_address=settings.ray_address, state_dir=state_dir
     )
-    served = db.last_published()
-    prune_refreshed(
-        settings.bundles_dir,
-        keep=KEEP_REFRESHED,
-        protect={base.version} | ({served.model_version} if served else set()),
-    )
-    return phases
+    return "refresh"
 
 
 def prune_refreshed(bundles_dir: Path, *, keep: int, protect: set[str | None]) -> list[str]:

@@ -101,6 +101,7 @@ def refresh_incremental(
         params.neighbours,
         params.candidates,
         params.pairing_method,
+        engine=params.pairing_engine,
         ray_address=ray_address,
     )
     fresh = pair_users(matrix, pairing, user_factors=user_factors, rows=changed, item_model=model)

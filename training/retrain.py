@@ -141,6 +141,23 @@ def write_gate_result(state_dir: Path, result: GateResult) -> None:
     os.replace(partial, state_dir / GATE_FILE)
 
 
+def record_failed_retrain(state_dir: Path, champion: str, error: Exception) -> None:
+    """A retraining that did not finish counts as refused (the alert fires) until the next."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "at": time.time(),
+        "challenger": None,
+        "champion": champion,
+        "champion_recall@10": 0.0,
+        "challenger_recall@10": 0.0,
+        "promoted": False,
+        "error": str(error)[:500],
+    }
+    partial = state_dir / f".{GATE_FILE}.partial"
+    partial.write_text(json.dumps(payload, indent=1))
+    os.replace(partial, state_dir / GATE_FILE)
+
+
 def read_gate_result(state_dir: Path) -> dict | None:
     try:
         return json.loads((state_dir / GATE_FILE).read_text())

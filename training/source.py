@@ -16,12 +16,15 @@ time, never a failed night.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,7 @@ class PartitionRecord:
     error: str | None = None
     fingerprint: str | None = None
     read_at: float = 0.0
+    start: int = 0  # its first row in rows/ (rows are appended partition by partition)
 
 
 @dataclass
@@ -101,31 +105,53 @@ def ingest(
     columns: list[str] | None = None,
     sep: str | None = None,
 ) -> IngestResult:
-    """Read what is new in ``source`` into the state under ``state_dir``; return every row."""
-    source = Path(source)
+    """Read what is new in ``source`` into the state under ``state_dir``; return every row.
+
+    One ingest at a time per state (a lock file): the nightly run, `encore ingest now` and
+    `encore train` may share a state."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(state_dir):
+        return _ingest(Path(source), state_dir, columns, sep)
+
+
+def _ingest(
+    source: Path, state_dir: Path, columns: list[str] | None, sep: str | None
+) -> IngestResult:
     found = partitions(source)
     state, rows = _load(state_dir, source)
     rebuilt = rows is None
+    if rebuilt:
+        gone = [n for n in state.admitted() if n not in found]
+        if gone:
+            # Their rows exist nowhere else: rebuilding from the source would lose them.
+            raise EncoreError(
+                f"the ingest state under {state_dir} has unreadable rows, and partitions "
+                f"{', '.join(gone)} are no longer in {source}: restore them (or the state), or "
+                "remove the state to start again from the source as it is"
+            )
+        state.partitions = {n: p for n, p in state.partitions.items() if p.status == SET_ASIDE}
+        rows = _empty_rows()
     changed = [
         name
         for name in state.admitted()
         if name in found and _stat(found[name]) != _recorded(state.partitions[name])
     ]
     if changed:
-        # An admitted partition was rewritten: its old rows cannot be told apart from the rest.
-        logger.warning("partition %s changed since it was read: reading every one again", changed)
-        rebuilt = True
-    if rebuilt:
-        set_aside_before = {
-            n: p for n, p in state.partitions.items() if p.status == SET_ASIDE and n in found
-        }
-        state, rows = SourceState(source=str(source), partitions=set_aside_before), _empty_rows()
+        # A rewritten partition's old rows are dropped; it is read again below.
+        logger.warning("partitions %s changed since they were read: reading them again", changed)
+        keep = np.ones(len(rows[0]), dtype=bool)
+        for name in changed:
+            part = state.partitions.pop(name)
+            keep[part.start : part.start + part.rows] = False
+        rows = tuple(column[keep] for column in rows)
+        _renumber(state)
     gone = [name for name in state.admitted() if name not in found]
     if gone:
         # Acknowledged rows are kept: a partition deleted from the source stays learnt from.
         logger.warning("partitions %s are no longer in %s; their rows are kept", gone, source)
 
     new_names, parts, aside = [], [], {}
+    offset = len(rows[0])
     for name, path in found.items():
         known = state.partitions.get(name)
         if known is not None and _stat(path) == _recorded(known):
@@ -147,8 +173,9 @@ def ingest(
             rows=len(data),
             fingerprint=data.fingerprint,
             read_at=time.time(),
+            start=offset,
         )
-        state.fingerprint = _chain(state.fingerprint, data.fingerprint)
+        offset += len(data)
         parts.append((data.user_ids, data.playlist_ids, data.weights))
         new_names.append(name)
 
@@ -159,8 +186,9 @@ def ingest(
             for i, (_, dtype) in enumerate(COLUMNS)
         )
     state.rows = len(rows[0])
-    if parts or aside or rebuilt:
-        _save(state_dir, state, rows if (parts or rebuilt) else None)
+    state.fingerprint = _fingerprint(state)
+    if parts or aside or rebuilt or changed:
+        _save(state_dir, state, rows if (parts or rebuilt or changed) else None)
     interactions = Interactions(
         user_ids=rows[0],
         playlist_ids=rows[1],
@@ -172,16 +200,49 @@ def ingest(
     return IngestResult(interactions, new_names, new_rows, aside, rebuilt)
 
 
+def _renumber(state: SourceState) -> None:
+    """The admitted partitions' starts after some were dropped, in their rows' order."""
+    offset = 0
+    for name in sorted(state.admitted(), key=lambda n: state.partitions[n].start):
+        state.partitions[name].start = offset
+        offset += state.partitions[name].rows
+
+
+def _fingerprint(state: SourceState) -> str:
+    """The admitted partitions' fingerprints chained in their rows' order."""
+    chained = ""
+    for name in sorted(state.admitted(), key=lambda n: state.partitions[n].start):
+        chained = _chain(chained, state.partitions[name].fingerprint or "")
+    return chained
+
+
+@contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    with (state_dir / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def source_state(state_dir: Path) -> SourceState | None:
     """The recorded state, or None when there is none (or it cannot be read)."""
     try:
         return _read_manifest(state_dir / MANIFEST)
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # missing or damaged alike: nothing usable is recorded
         return None
 
 
 def readmit(state_dir: Path, name: str) -> None:
     """Forget that partition ``name`` was set aside: the next ingest reads it again."""
+    if not state_dir.is_dir():
+        raise EncoreError(f"nothing has been ingested under {state_dir}")
+    with _locked(state_dir):
+        _readmit(state_dir, name)
+
+
+def _readmit(state_dir: Path, name: str) -> None:
     state = source_state(state_dir)
     record = state.partitions.get(name) if state else None
     if record is None or record.status != SET_ASIDE:
@@ -236,15 +297,19 @@ def _empty_rows() -> tuple[np.ndarray, ...]:
 
 def _load(state_dir: Path, source: Path) -> tuple[SourceState, tuple[np.ndarray, ...] | None]:
     """The state and its rows; rows None when the state is missing, for another source, or
-    does not match its manifest (rebuilt from every partition)."""
+    its rows do not match its manifest (the state then says which partitions it had)."""
     fresh = SourceState(source=str(source))
     if not (state_dir / MANIFEST).exists():
         return fresh, None
     try:
         state = _read_manifest(state_dir / MANIFEST)
-        if state.source != str(source):
-            logger.warning("ingest state is for %s, not %s: reading again", state.source, source)
-            return fresh, None
+    except Exception as exc:  # any damage: the manifest is rebuilt from the source
+        logger.warning("ingest manifest under %s is unreadable (%s): reading again", state_dir, exc)
+        return fresh, None
+    if Path(state.source).resolve() != source.resolve():
+        logger.warning("ingest state is for %s, not %s: reading again", state.source, source)
+        return fresh, None
+    try:
         rows = tuple(
             np.load(state_dir / ROWS_DIR / f"{name}.npy", mmap_mode="r", allow_pickle=False)
             for name, _ in COLUMNS
@@ -254,14 +319,14 @@ def _load(state_dir: Path, source: Path) -> tuple[SourceState, tuple[np.ndarray,
         ):
             raise ValueError(f"rows do not match the manifest's {state.rows}")
         return state, tuple(np.array(column) for column in rows)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.warning("ingest state under %s is unreadable (%s): reading again", state_dir, exc)
-        return fresh, None
+    except Exception as exc:  # any damage to the rows: rebuilt, never fatal
+        logger.warning("ingest rows under %s are unreadable (%s): reading again", state_dir, exc)
+        return state, None
 
 
 def _read_manifest(path: Path) -> SourceState:
     raw = json.loads(path.read_text())
-    parts = {name: PartitionRecord(**p) for name, p in raw.pop("partitions").items()}
+    parts = {str(name): PartitionRecord(**p) for name, p in dict(raw.pop("partitions")).items()}
     return SourceState(**raw, partitions=parts)
 
 
@@ -270,8 +335,9 @@ def _save(state_dir: Path, state: SourceState, rows: tuple[np.ndarray, ...] | No
     leaves a manifest that does not match its rows, which the next ingest rebuilds from."""
     state_dir.mkdir(parents=True, exist_ok=True)
     if rows is not None:
+        for stale in state_dir.glob(f".{ROWS_DIR}-*"):  # a crash's leftovers (under the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         staging = state_dir / f".{ROWS_DIR}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         for (name, _), column in zip(COLUMNS, rows, strict=True):
             np.save(staging / f"{name}.npy", column)
@@ -285,6 +351,6 @@ def _save(state_dir: Path, state: SourceState, rows: tuple[np.ndarray, ...] | No
 
 def _write_manifest(state_dir: Path, state: SourceState) -> None:
     payload = asdict(state)
-    partial = state_dir / f".{MANIFEST}.partial"
+    partial = state_dir / f".{MANIFEST}.{os.getpid()}.partial"
     partial.write_text(json.dumps(payload, indent=1))
     os.replace(partial, state_dir / MANIFEST)

@@ -70,11 +70,20 @@ def demo(
         metrics=metrics,
     )
     if nights:
-        from encore.bundle import promoted_bundle
-        from encore.cli.demo_nights import simulate_nights
+        import pandas as pd
 
-        trained_on = Path(promoted_bundle(settings.bundles_dir).metadata["data"]["path"])
-        simulate_nights(settings, trained_on, nights)
+        from encore.cli.demo_nights import simulate_nights
+        from training.ingest import read_interactions
+
+        rows = read_interactions(
+            interactions or settings.home / "demo-data" / "interactions.parquet",
+            columns=[c.strip() for c in columns.split(",")] if columns else None,
+            sep={"\\t": "\t", "tab": "\t"}.get(sep, sep) if sep else None,
+        )
+        first_day = pd.DataFrame(
+            {"user_id": rows.user_ids, "playlist_id": rows.playlist_ids, "weight": rows.weights}
+        )
+        simulate_nights(settings, first_day, nights)
     if serve_after:
         serve(settings, host=host, port=port, metrics=metrics)
 

@@ -8,7 +8,6 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -37,9 +36,12 @@ class NightLine:
     phases: dict[str, float]
 
 
-def simulate_nights(settings: Settings, first_day: Path, nights: int, *, seed: int = 0) -> None:
-    """Turn ``first_day`` (the data the promoted model was trained on) into the first partition
-    of a growing source, then simulate ``nights`` nights through the nightly pipeline."""
+def simulate_nights(
+    settings: Settings, first_day: pd.DataFrame, nights: int, *, seed: int = 0
+) -> None:
+    """Turn ``first_day`` (user_id, playlist_id, weight: the data the promoted model was
+    trained on) into the first partition of a growing source, then simulate ``nights`` nights
+    through the nightly pipeline."""
     from encore.cli.ingest import night_preparation
     from scheduler.job import run_full
 
@@ -48,7 +50,7 @@ def simulate_nights(settings: Settings, first_day: Path, nights: int, *, seed: i
     shutil.rmtree(source, ignore_errors=True)
     shutil.rmtree(settings.ingest_dir, ignore_errors=True)
     source.mkdir(parents=True)
-    base = pd.read_parquet(first_day, columns=["user_id", "playlist_id", "weight"])
+    base = first_day[["user_id", "playlist_id", "weight"]]
     base.to_parquet(source / "night-0.parquet", index=False)
     settings = settings.model_copy(update={"interactions": source})
     rng = np.random.default_rng(seed)
