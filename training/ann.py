@@ -35,6 +35,7 @@ ANN_QUERY_BATCH = 32768
 # users, 32768 queries over 6,324 lists gave products of ~5 rows and a search 4x slower).
 ANN_QUERIES_PER_LIST = 64
 ANN_CELLS = 1 << 18
+ANN_COMPACT_KEYS = 1 << 23  # survivors held per search call before a cut, at least
 ANN_GROUP_ROWS = 1 << 16  # rows copied at a time when grouping users by list
 
 
@@ -231,7 +232,10 @@ class _ProbeSearch:
             if len(lists) == 0:
                 break
             by_list = np.argsort(lists, kind="stable")
-            keys = [best]
+            keys, held = [best], len(best)
+            # Survivors are cut down to each row's best whenever they pile up: at 10M users a
+            # stage's survivors of 400k users held ~4.5 GB per thread before the cut.
+            limit = max(ANN_COMPACT_KEYS, 3 * n_rows * self.width)
             for group in np.split(by_list, np.flatnonzero(np.diff(lists[by_list])) + 1):
                 lo, hi = int(self.starts[lists[group[0]]]), int(self.starts[lists[group[0]] + 1])
                 for a, b in _chunks(0, len(group), hi - lo):
@@ -239,9 +243,15 @@ class _ProbeSearch:
                     scores = queries[torch.from_numpy(rows)] @ self.ordered[lo:hi].T
                     if lo_p == 0:  # one more: the user itself is among these scores
                         floor[rows] = _score_floor(scores, self.width + 1)
-                    keys.append(pack.survivors(rows, own, lo, scores.numpy(), floor[rows]))
-            best = pack.first(np.sort(np.concatenate(keys)), n_rows, self.width)
-            floor = pack.floor(best, n_rows, self.width)
+                    found = pack.survivors(rows, own, lo, scores.numpy(), floor[rows])
+                    keys.append(found)
+                    held += len(found)
+                    if held > limit:
+                        best = pack.first(_sorted(keys), n_rows, self.width)
+                        floor = np.maximum(floor, pack.floor(best, n_rows, self.width))
+                        keys, held = [best], len(best)
+            best = pack.first(_sorted(keys), n_rows, self.width)
+            floor = np.maximum(floor, pack.floor(best, n_rows, self.width))
         return pack.top(best, n_rows, self.width)
 
 
@@ -287,9 +297,13 @@ class _ScoreKeys:
         )
 
     def first(self, keys: np.ndarray, n_rows: int, width: int) -> np.ndarray:
-        """The first ``width`` of every row's sorted keys."""
-        row = keys >> self.row_shift
-        return keys[np.arange(len(keys)) - np.searchsorted(row, np.arange(n_rows))[row] < width]
+        """The first ``width`` of every row's sorted keys (temporaries the size of the output,
+        not of ``keys``: a row's keys start where its row number does)."""
+        bounds = np.arange(n_rows, dtype=np.int64) << self.row_shift
+        starts = np.r_[np.searchsorted(keys, bounds), len(keys)]
+        kept = np.minimum(np.diff(starts), width)
+        offsets = np.cumsum(kept) - kept
+        return keys[np.repeat(starts[:-1] - offsets, kept) + np.arange(int(kept.sum()))]
 
     def floor(self, keys: np.ndarray, n_rows: int, width: int) -> np.ndarray:
         """Per row of ``first``'s output, at most its ``width``-th best score (-inf with fewer)."""
@@ -311,6 +325,13 @@ class _ScoreKeys:
         level = (keys >> self.position_bits) & ((1 << self.score_bits) - 1)
         scores[row, rank] = 1.0 - level / self.scale
         return positions, scores
+
+
+def _sorted(keys: list[np.ndarray]) -> np.ndarray:
+    merged = np.concatenate(keys)
+    keys.clear()  # the pieces go before the sort: only the merged copy stays
+    merged.sort()  # in place: np.sort would hold a second copy
+    return merged
 
 
 def _chunks(lo: int, hi: int, columns: int) -> list[tuple[int, int]]:
