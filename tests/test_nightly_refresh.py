@@ -259,3 +259,22 @@ def test_a_shift_of_taste_raises_the_drift_between_nights(world) -> None:
     shifted, _ = _night(settings)
     assert quiet.drift_score is None and calm.drift_score is not None  # no night before
     assert shifted.drift_score > max(0.05, 10 * calm.drift_score)
+
+
+def test_a_failed_refresh_does_not_cost_the_night(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, rows = world
+    trained, _ = train_bundle(
+        read_interactions(_write_day(settings, rows, 1)),
+        settings.bundles_dir,
+        TrainParams(dim=16, epochs=3),
+        run_evaluation=False,
+    )
+    _write_day(settings, rows, 2)
+
+    def broken(*args, **kwargs):
+        raise MemoryError("the refresh ran out of memory")
+
+    monkeypatch.setattr("training.freshness.refresh_bundle", broken)
+    night, _ = _night(settings)
+    assert night.model_version == trained.version  # scored as it was
+    assert set(night.phases) == {"ingest", "score", "publish"}
