@@ -22,6 +22,9 @@ SHIFT_NIGHT = 2  # the night a share of the users turns to playlists they ignore
 SHIFT_USER_SHARE = 0.3
 SHIFT_PLAYLIST_SHARE = 0.05
 SAMPLE = 2000  # users whose lists are compared from one night to the next
+# Users who join on night 1 with one play of a playlist nobody else has: no neighbour, no
+# item-model pick, so cold; their history arrives over the following nights.
+COLD_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,20 @@ def simulate_nights(
     )
     sample = np.sort(rng.choice(users, min(SAMPLE, len(users)), replace=False))
     before = None
+    cohort = int(users.max()) + 1_000_000 + np.arange(max(2, int(COLD_SHARE * len(users))))
     console.print(
         f"simulating {nights} nights: {int(NEW_USER_SHARE * len(users)):,} new users a night, "
-        f"{LIKERS} likes a night, a shift of taste on night {SHIFT_NIGHT}"
+        f"{LIKERS} likes a night, a shift of taste on night {SHIFT_NIGHT}, and {len(cohort):,} "
+        "users joining on night 1 with one play each, whose history comes over the next nights"
     )
     for night in range(1, nights + 1):
-        day = _new_users(base, users, night, rng)
+        day = pd.concat(
+            [
+                _new_users(base, users, night, rng),
+                _cold_cohort(base, users, playlists, cohort, night, nights, rng),
+            ],
+            ignore_index=True,
+        )
         if night == SHIFT_NIGHT:
             day = pd.concat([day, _shift(users, rising, rng)], ignore_index=True)
         day.to_parquet(source / f"night-{night}.parquet", index=False)
@@ -119,6 +130,36 @@ def _new_users(base: pd.DataFrame, users: np.ndarray, night: int, rng) -> pd.Dat
     day = history[keep].copy()
     day["user_id"] = day["user_id"].map(new_id)
     return day
+
+
+def _cold_cohort(
+    base: pd.DataFrame,
+    users: np.ndarray,
+    playlists: np.ndarray,
+    cohort: np.ndarray,
+    night: int,
+    nights: int,
+    rng,
+) -> pd.DataFrame:
+    """Night 1: each of ``cohort`` plays one playlist of its own (cold). Later nights: a share
+    of them gets a history (a slice of an existing user's), the last of them by the last night."""
+    if night == 1:
+        return pd.DataFrame(
+            {
+                "user_id": cohort,
+                "playlist_id": int(playlists.max()) + 1 + np.arange(len(cohort)),
+                "weight": np.ones(len(cohort), dtype=np.float32),
+            }
+        )
+    parts = np.array_split(cohort, max(1, nights - 1))
+    joining = parts[night - 2]
+    models = rng.choice(users, len(joining), replace=False)
+    history = base[base["user_id"].isin(models)]
+    history = history[rng.random(len(history)) < 0.7].copy()
+    history["user_id"] = history["user_id"].map(
+        dict(zip(models.tolist(), joining.tolist(), strict=True))
+    )
+    return history
 
 
 def _shift(users: np.ndarray, rising: np.ndarray, rng) -> pd.DataFrame:
