@@ -258,12 +258,11 @@ def top_codes(scores: torch.Tensor, items: torch.Tensor, top_n: int) -> np.ndarr
     return out
 
 
-def load_ranker(bundle: Bundle) -> Ranker:
-    """The bundle's ranker with memory-mapped weights, ready for inference."""
-    spec = bundle.metadata["model"]
-    ranker = Ranker(
-        spec["n_users"],
-        spec["n_items"],
+def ranker_from_spec(spec: dict, n_users: int, n_items: int) -> Ranker:
+    """An untrained ranker of a bundle's model spec, with tables of ``n_users`` x ``n_items``."""
+    return Ranker(
+        n_users,
+        n_items,
         dim=spec["dim"],
         hidden=tuple(spec["hidden"]),
         neighbours=spec["neighbours"],
@@ -271,6 +270,12 @@ def load_ranker(bundle: Bundle) -> Ranker:
         features=tuple(spec.get("features", LEGACY_FEATURES)),
         popularity_penalty=float(spec.get("popularity_penalty", 0.0)),
     )
+
+
+def load_ranker(bundle: Bundle) -> Ranker:
+    """The bundle's ranker with memory-mapped weights, ready for inference."""
+    spec = bundle.metadata["model"]
+    ranker = ranker_from_spec(spec, spec["n_users"], spec["n_items"])
     ranker.load_state_dict(bundle.load_state_dict(), assign=True)
     ranker.user_embedding.weight.requires_grad_(False)
     ranker.item_embedding.weight.requires_grad_(False)

@@ -72,6 +72,16 @@ class TrainParams:
         )
 
     @property
+    def pairing(self) -> PairingParams:
+        return PairingParams(
+            self.neighbours,
+            self.candidates,
+            self.pairing_method,
+            engine=self.pairing_engine,
+            ray_address=self.ray_address,
+        )
+
+    @property
     def width(self) -> int:
         """Candidates per user at most: the neighbours' cap and the item-item model's picks."""
         return self.candidates + (self.item_candidates if self.item_method != "none" else 0)
@@ -108,13 +118,7 @@ def fit(
     report = progress or (lambda *args, **kwargs: None)
     seconds: dict[str, float] = {}
     torch.manual_seed(params.seed)
-    pairing = PairingParams(
-        params.neighbours,
-        params.candidates,
-        params.pairing_method,
-        engine=params.pairing_engine,
-        ray_address=params.ray_address,
-    )
+    pairing = params.pairing
 
     ranker = Ranker(
         shape[0],
@@ -220,13 +224,7 @@ def fit_serving(
     Training calls it once its ranker is trained; a nightly refresh calls it with the
     promoted ranker on the latest interactions."""
     report = progress or (lambda *args, **kwargs: None)
-    pairing = PairingParams(
-        params.neighbours,
-        params.candidates,
-        params.pairing_method,
-        engine=params.pairing_engine,
-        ray_address=params.ray_address,
-    )
+    pairing = params.pairing
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     report("pairing", 0, 1)

@@ -14,6 +14,7 @@ item_model``), with the model version it belongs to.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from training.matrix import (
     popularity,
     row_normalize,
 )
-from training.pairing import PairingParams, Pairings, pair_users
+from training.pairing import Pairings, pair_users
 from training.refresh import base_params, trained_ranker
 from training.train import bundle_contents, model_spec
 
@@ -97,13 +98,7 @@ def refresh_incremental(
     user_factors[changed] = _fold_in(matrix[changed], pop, item_factors, params)
 
     model = _renumbered(item_model, item_map, shape[1])
-    pairing = PairingParams(
-        params.neighbours,
-        params.candidates,
-        params.pairing_method,
-        engine=params.pairing_engine,
-        ray_address=ray_address,
-    )
+    pairing = dataclasses.replace(params, ray_address=ray_address).pairing
     fresh = pair_users(matrix, pairing, user_factors=user_factors, rows=changed, item_model=model)
     pairs = _merged(Pairings.load(base.pairings_dir), user_map, item_map, shape[0], changed, fresh)
     ranker.set_tables(user_factors, item_factors, activity(matrix), pop)

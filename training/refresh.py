@@ -21,7 +21,7 @@ import pandas as pd
 from encore.bundle import Bundle, new_version, promote, write_bundle
 from encore.errors import EncoreError
 from encore.progress import Progress
-from inference.ranker import LEGACY_FEATURES, Ranker
+from inference.ranker import Ranker, ranker_from_spec
 from training.fit import TrainParams, fit_serving
 from training.ingest import Interactions
 from training.item_state import save_item_model
@@ -61,15 +61,7 @@ def trained_ranker(base: Bundle, shape: tuple[int, int]) -> Ranker:
             f"model {base.version} is an exported program: its tables cannot be rebuilt "
             "(train a new one, or import one trained on the latest data)"
         )
-    ranker = Ranker(
-        *shape,
-        dim=spec["dim"],
-        hidden=tuple(spec["hidden"]),
-        neighbours=spec["neighbours"],
-        candidates=spec["candidates"],
-        features=tuple(spec.get("features", LEGACY_FEATURES)),
-        popularity_penalty=float(spec.get("popularity_penalty", 0.0)),
-    )
+    ranker = ranker_from_spec(spec, *shape)
     learnt = {k: v for k, v in base.load_state_dict().items() if k not in TABLE_KEYS}
     missing, unexpected = ranker.load_state_dict(learnt, strict=False)
     if unexpected or set(missing) - set(TABLE_KEYS):
