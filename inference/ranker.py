@@ -4,8 +4,9 @@ A ranker that only reorders candidates by a dot product does worse than the neig
 itself, so the score is a small MLP over the pair's features: the candidate's support and its
 share of the user's best support, how many neighbours hold it, its position in support order,
 its popularity, the user's activity, the dot product of 128-dimensional user and playlist
-embeddings (low-rank factors of the interaction matrix, kept frozen), and the item-item
-model's score and its share of the user's best (when the bundle's pairings carry it).
+embeddings (low-rank factors of the interaction matrix, kept frozen), the item-item
+model's score and its share of the user's best (when the bundle's pairings carry it), and the
+candidate's place in the user's list by the item model's score and by the dot product.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ FEATURES = (
     "embedding_dot",
     "item_score",
     "relative_item_score",
+    "item_score_rank",
+    "embedding_rank",
 )
-# Bundles written before the item-item generator name no features in their model spec.
+# Bundles written before the item-item generator name no features in their model spec (and
+# those written before the ranks name the nine they learnt on).
 LEGACY_FEATURES = FEATURES[:7]
 
 
@@ -148,17 +152,19 @@ class Ranker(nn.Module):
             item_score = torch.zeros_like(support)
         best_item = item_score.amax(dim=1, keepdim=True).clamp(min=1e-6)
         columns = {
-            "log_support": torch.log1p(support),
-            "relative_support": support / best,
-            "neighbour_share": neighbours.float() / self.neighbours,
-            "position": position.expand_as(support),
-            "log_popularity": self.item_log_popularity[safe_items],
-            "log_activity": self.user_log_activity[users].unsqueeze(1).expand_as(support),
-            "embedding_dot": dot,
-            "item_score": item_score,
-            "relative_item_score": item_score / best_item,
+            "log_support": lambda: torch.log1p(support),
+            "relative_support": lambda: support / best,
+            "neighbour_share": lambda: neighbours.float() / self.neighbours,
+            "position": lambda: position.expand_as(support),
+            "log_popularity": lambda: self.item_log_popularity[safe_items],
+            "log_activity": lambda: self.user_log_activity[users].unsqueeze(1).expand_as(support),
+            "embedding_dot": lambda: dot,
+            "item_score": lambda: item_score,
+            "relative_item_score": lambda: item_score / best_item,
+            "item_score_rank": lambda: _rank(item_score, items, self.candidates),
+            "embedding_rank": lambda: _rank(dot, items, self.candidates),
         }
-        return torch.stack([columns[name] for name in self.feature_names], dim=-1)
+        return torch.stack([columns[name]() for name in self.feature_names], dim=-1)
 
     def forward(
         self,
@@ -174,6 +180,14 @@ class Ranker(nn.Module):
         if self.popularity_penalty:
             scores = scores - self.popularity_penalty * self.item_log_popularity[items.clamp(min=0)]
         return scores.masked_fill(~mask, -math.inf)
+
+
+def _rank(values: torch.Tensor, items: torch.Tensor, width: int) -> torch.Tensor:
+    """Each slot's place among its row's candidates by ``values``, best first, over ``width``
+    (padded slots, ``items`` -1, come last)."""
+    values = values.masked_fill(items < 0, -math.inf)
+    order = torch.argsort(values, dim=1, descending=True, stable=True)
+    return torch.argsort(order, dim=1, stable=True).float() / width
 
 
 def padded_candidates(

@@ -63,8 +63,11 @@ def test_block_scores_are_the_best_unseen_playlists_and_look_up_any_pair(matrix,
     binary = _binary(matrix)
     weights = model.weights
     dense_weights = weights.numpy() if method == "ease" else weights.toarray()
+    # The model is fitted on the binary matrix; a user's row is scored with its log weights.
+    logged = matrix.toarray().astype(np.float64)
+    assert not np.allclose(logged[binary > 0], 1.0), "the data needs weights other than 1"
     scores = np.zeros_like(binary)
-    scores[:, model.kept] = binary[:, model.kept] @ dense_weights
+    scores[:, model.kept] = logged[:, model.kept] @ dense_weights
     users = np.arange(100, 160)
     block = model.block(matrix[users])
     for row, user in enumerate(users):
@@ -110,7 +113,7 @@ def test_item_picks_join_the_neighbours_candidates(matrix, tmp_path):
     assert alone.item_score is None and merged.item_score is not None
     binary = _binary(matrix)
     scores = np.zeros_like(binary)
-    scores[:, model.kept] = binary[:, model.kept] @ model.weights.numpy()
+    scores[:, model.kept] = matrix.toarray()[:, model.kept] @ model.weights.numpy()
     block = model.block(matrix)
     gained = 0
     for user in range(matrix.shape[0]):
@@ -165,3 +168,37 @@ def test_ease_lambda_is_chosen_on_held_out_rows(matrix):
         kept, ItemParams(method="ease", count=20, ease_lambda=7.0), coo.row[held], coo.col[held]
     )
     assert fixed.ease_lambda == 7.0 and tried == {}
+
+
+def test_a_model_of_an_earlier_bundle_scores_rows_as_zero_one(matrix, tmp_path):
+    from encore.bundle import Bundle
+    from training.item_state import load_item_model, save_item_model
+    from training.refresh import base_params
+
+    users = np.arange(100, 140)
+    weighted = fit_item_model(matrix, ItemParams(method="ease", ease_lambda=50.0))
+    binary = fit_item_model(
+        matrix, ItemParams(method="ease", ease_lambda=50.0, weighted_rows=False)
+    )
+    rows = _binary(matrix)[users][:, binary.kept]
+    expected = rows @ binary.weights.numpy()
+    every = np.arange(matrix.shape[1])
+    block = binary.block(matrix[users])
+    looked = np.stack([block.lookup(np.full(len(every), r), every) for r in range(len(users))])
+    unseen = rows == 0
+    np.testing.assert_allclose(looked[:, binary.kept][unseen], expected[unseen], atol=1e-4)
+    assert not np.allclose(weighted.block(matrix[users]).top_scores, block.top_scores)
+    # The flag survives the state kept between refreshes; a state written before it is 0/1.
+    save_item_model(tmp_path, binary, "v1")
+    assert load_item_model(tmp_path, "v1")[1].weighted_rows is False
+    meta = tmp_path / "item_model" / "meta.json"
+    meta.write_text(meta.read_text().replace(', "weighted_rows": false', ""))
+    assert "weighted_rows" not in meta.read_text()
+    assert load_item_model(tmp_path, "v1")[1].weighted_rows is False
+    save_item_model(tmp_path, weighted, "v2")
+    assert load_item_model(tmp_path, "v2")[1].weighted_rows is True
+    # A bundle trained before the flag refreshes with 0/1 rows; a new one with weights.
+    legacy = Bundle(tmp_path, {"hyperparameters": {"dim": 16}})
+    assert base_params(legacy).items.weighted_rows is False
+    recent = Bundle(tmp_path, {"hyperparameters": {"dim": 16, "item_weighted_rows": True}})
+    assert base_params(recent).items.weighted_rows is True

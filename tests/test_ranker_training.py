@@ -140,3 +140,22 @@ def test_evaluate_sweep_prints_the_trade_off_and_draws_it(data, tmp_path):
     )
     assert again.exit_code == 0, again.output
     assert list((Path(os.environ["ENCORE_HOME"]) / "reports").glob("sweep-*.png"))
+
+
+def test_rank_features_place_each_candidate_in_its_list_padding_last():
+    from inference.ranker import _rank
+
+    values = torch.tensor([[0.5, 2.0, -1.0, 9.0], [0.0, 0.0, 1.0, 0.0]])
+    items = torch.tensor([[3, 4, 5, -1], [1, 2, 3, 4]])
+    ranks = _rank(values, items, 4) * 4
+    assert ranks.tolist() == [[1.0, 0.0, 2.0, 3.0], [1.0, 2.0, 0.0, 3.0]]
+    # A ranker of an earlier bundle computes only the nine features it learnt on.
+    earlier = Ranker(10, 50, dim=4, hidden=(8,), candidates=4, features=FEATURES[:9])
+    earlier.set_tables(
+        np.ones((10, 4), np.float32), np.ones((50, 4), np.float32), np.ones(10), np.ones(50)
+    )
+    raw = earlier.features(
+        torch.tensor([0, 1]), items.clamp(min=0), values.abs(), torch.ones(2, 4), values
+    )
+    assert raw.shape == (2, 4, 9)
+    assert FEATURES[9:] == ("item_score_rank", "embedding_rank")

@@ -42,7 +42,7 @@ class TrainParams:
     pairing_method: str = "auto"
     dim: int = 128
     hidden: tuple[int, ...] = (32,)
-    epochs: int = 30
+    epochs: int = 40
     batch_users: int = 128
     learning_rate: float = 3e-3
     popularity_damping: float = 0.3
@@ -53,6 +53,7 @@ class TrainParams:
     ease_lambda: float | None = None  # None: chosen on the first inner fold
     popularity_penalty: float | None = None  # None: chosen on the inner split (cross-fitted)
     ease_max_items: int = 12_000  # playlists (held by 2+ users) above which item-KNN replaces EASE
+    item_weighted_rows: bool = True  # the item model scores a user's log-weighted row
     pairing_engine: str = "local"  # local | ray: where the neighbour search runs
     ray_address: str | None = None  # where Ray is (ENCORE_RAY_ADDRESS); not a hyper-parameter
     seed: int = 0
@@ -69,6 +70,7 @@ class TrainParams:
             count=self.item_candidates,
             ease_lambda=self.ease_lambda,
             ease_max_items=self.ease_max_items,
+            weighted_rows=self.item_weighted_rows,
         )
 
     @property

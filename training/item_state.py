@@ -34,6 +34,7 @@ def save_item_model(state_dir: Path, model: ItemModel | None, version: str) -> N
             count=model.count,
             n_items=model.n_items,
             ease_lambda=model.ease_lambda,
+            weighted_rows=model.weighted_rows,
         )
         np.save(staging / "kept.npy", model.kept)
         if isinstance(model.weights, torch.Tensor):
@@ -67,6 +68,8 @@ def load_item_model(state_dir: Path, version: str) -> tuple[bool, ItemModel | No
             meta["count"],
             meta["n_items"],
             ease_lambda=meta["ease_lambda"],
+            # Kept before rows were weighted: its model's ranker learnt on 0/1 rows.
+            weighted_rows=meta.get("weighted_rows", False),
         )
         return True, model
     except (OSError, ValueError, KeyError) as exc:

@@ -5,9 +5,10 @@ Two models over the binary user x playlist matrix, both restricted to playlists 
 users hold (a playlist held by one user co-occurs with nothing else):
 
 - **EASE** (Steck, 2019): ``B = I - P / diag(P)`` with ``P = (XᵀX + λI)⁻¹`` and a zero
-  diagonal, a user's scores ``x_u B``. Dense: used while the catalog fits (``ease_max_items``).
+  diagonal, a user's scores ``x_u B`` (``x_u`` the user's log-weighted row). Dense: used
+  while the catalog fits (``ease_max_items``).
 - **item-KNN**: each playlist's ``knn_neighbours`` nearest playlists by cosine, from blocked
-  sparse products; a user's scores ``x_u S``. Sparse: used above that size.
+  sparse products; a user's scores ``x_u S`` (log-weighted too). Sparse: used above that size.
 
 Both score a block of users at a time (:meth:`ItemModel.block`): the top ``count`` unseen
 playlists with their scores, and a lookup of the score of any (user, playlist) pair, which the
@@ -45,6 +46,9 @@ class ItemParams:
     ease_lambda: float | None = None  # None: chosen on an inner split (tune_item_model)
     ease_max_items: int = 12_000  # above this many playlists (held by 2+ users): item-KNN
     knn_neighbours: int = 100
+    # A user's row is scored with its log weights (False: as 0/1, as bundles trained before
+    # 2026-12-07 were; their rankers learnt on those scores).
+    weighted_rows: bool = True
 
     def resolve(self, kept_items: int) -> str:
         if self.method not in ITEM_METHODS:
@@ -93,17 +97,23 @@ class ItemModel:
     n_items: int
     seconds: float = 0.0
     ease_lambda: float = float("nan")  # EASE's λ (nan for item-KNN)
+    weighted_rows: bool = True  # see ItemParams.weighted_rows
 
     def block(self, seen: sp.csr_matrix) -> BlockScores:
         """Scores of a block of users, given their rows of the interaction matrix."""
         column = np.full(self.n_items, -1, dtype=np.int64)
         column[self.kept] = np.arange(len(self.kept))
+        # The model is fitted on what users hold (binary); a user's row is scored with its
+        # log weights, so the playlists the user played most point the strongest. On
+        # Last.fm's split this adds about 0.001 to EASE's recall@10 alone and 0.004 to the
+        # ranker's coverage@10 (three seeds); on binary data it changes nothing.
         binary = _binary(seen[:, self.kept])
+        weighted = seen[:, self.kept].tocsr().astype(np.float32) if self.weighted_rows else binary
         count = min(self.count, len(self.kept))
         top_items = np.full((seen.shape[0], self.count), -1, dtype=np.int64)
         top_scores = np.zeros((seen.shape[0], self.count), dtype=np.float32)
         if isinstance(self.weights, torch.Tensor):
-            dense = _csr_tensor(binary) @ self.weights if binary.nnz else None
+            dense = _csr_tensor(weighted) @ self.weights if binary.nnz else None
             if dense is None:
                 dense = torch.zeros(seen.shape[0], len(self.kept))
             if count:
@@ -117,7 +127,7 @@ class ItemModel:
                 top_items[:, :count] = np.where(good, self.kept[where.numpy()], -1)
                 top_scores[:, :count] = np.where(good, values.numpy(), 0.0)
             return BlockScores(top_items, top_scores, dense, None, column)
-        scores = (binary @ self.weights).tocsr()
+        scores = (weighted @ self.weights).tocsr()
         # Seen playlists out: their products are kept only where the user has not got them.
         scores = (scores - scores.multiply(binary)).tocsr()
         scores.eliminate_zeros()
@@ -191,14 +201,31 @@ def _fit(matrix: sp.csr_matrix, params: ItemParams, lambdas: list[float]) -> Ite
     if method == "knn":
         weights = knn_weights(binary, params.knn_neighbours)
         seconds = time.perf_counter() - clock
-        yield ItemModel(method, kept, weights, params.count, matrix.shape[1], seconds)
+        yield ItemModel(
+            method,
+            kept,
+            weights,
+            params.count,
+            matrix.shape[1],
+            seconds,
+            weighted_rows=params.weighted_rows,
+        )
         return
     gram = (binary.T @ binary).toarray().astype(np.float32)
     for lam in lambdas:
         ease = ease_weights(gram, lam)
         seconds = time.perf_counter() - clock
         logger.debug("EASE over %d playlists, lambda %s, in %.1fs", len(kept), lam, seconds)
-        yield ItemModel(method, kept, ease, params.count, matrix.shape[1], seconds, lam)
+        yield ItemModel(
+            method,
+            kept,
+            ease,
+            params.count,
+            matrix.shape[1],
+            seconds,
+            lam,
+            weighted_rows=params.weighted_rows,
+        )
         clock = time.perf_counter()
 
 

@@ -46,6 +46,8 @@ def base_params(base: Bundle) -> TrainParams:
     values = {k: v for k, v in stored.items() if k in known}
     if "hidden" in values:
         values["hidden"] = tuple(values["hidden"])
+    # Trained before the item model weighted a user's row: its ranker learnt on 0/1 rows.
+    values.setdefault("item_weighted_rows", False)
     chosen = base.metadata.get("chosen_hyperparameters") or {}
     if "ease_lambda" in chosen:
         values["ease_lambda"] = chosen["ease_lambda"]
