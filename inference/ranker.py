@@ -183,11 +183,13 @@ class Ranker(nn.Module):
 
 
 def _rank(values: torch.Tensor, items: torch.Tensor, width: int) -> torch.Tensor:
-    """Each slot's place among its row's candidates by ``values``, best first, over ``width``
-    (padded slots, ``items`` -1, come last)."""
+    """Each slot's place in its row by ``values``: how many of the row's candidates score
+    higher (ties share a place; padded slots, ``items`` -1, come last), over ``width``."""
     values = values.masked_fill(items < 0, -math.inf)
-    order = torch.argsort(values, dim=1, descending=True, stable=True)
-    return torch.argsort(order, dim=1, stable=True).float() / width
+    # One sort and a binary search: a second argsort to invert the order costs twice as much.
+    ascending = torch.sort(values, dim=1).values
+    above = values.shape[1] - torch.searchsorted(ascending, values, right=True)
+    return above.float() / width
 
 
 def padded_candidates(

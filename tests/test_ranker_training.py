@@ -148,7 +148,8 @@ def test_rank_features_place_each_candidate_in_its_list_padding_last():
     values = torch.tensor([[0.5, 2.0, -1.0, 9.0], [0.0, 0.0, 1.0, 0.0]])
     items = torch.tensor([[3, 4, 5, -1], [1, 2, 3, 4]])
     ranks = _rank(values, items, 4) * 4
-    assert ranks.tolist() == [[1.0, 0.0, 2.0, 3.0], [1.0, 2.0, 0.0, 3.0]]
+    # Ties share their place: three candidates below one.
+    assert ranks.tolist() == [[1.0, 0.0, 2.0, 3.0], [1.0, 1.0, 0.0, 1.0]]
     # A ranker of an earlier bundle computes only the nine features it learnt on.
     earlier = Ranker(10, 50, dim=4, hidden=(8,), candidates=4, features=FEATURES[:9])
     earlier.set_tables(
