@@ -181,7 +181,8 @@ def _fit(
     step,
     after_epoch=None,
 ) -> float:
-    """``epochs`` of Adam on the listwise softmax loss; the mean loss of the last epoch."""
+    """``epochs`` of Adam on the listwise softmax loss; the mean loss of the last epoch. The
+    ranker is left with (and ``after_epoch`` sees) the running average of the weights."""
     standardized = (examples.raw - ranker.feature_mean) / ranker.feature_std
     mask = examples.mask
     optimizer = torch.optim.Adam(ranker.mlp.parameters(), lr=learning_rate)
