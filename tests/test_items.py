@@ -41,6 +41,21 @@ def test_ease_weights_are_the_closed_form():
     np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_ease_dropout_regularises_each_playlist_by_its_popularity():
+    """EDLAE's closed form (Steck 2020): Λ = λI + p/(1-p) diag(XᵀX), then EASE's constraint."""
+    x = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0]], float))
+    gram = (x.T @ x).toarray()
+    lam, dropout = 0.5, 0.4
+    p = np.linalg.inv(gram + lam * np.eye(4) + dropout / (1 - dropout) * np.diag(np.diag(gram)))
+    expected = -p / np.diag(p)[None, :]
+    np.fill_diagonal(expected, 0.0)
+    weights = ease_weights(gram, lam, dropout).numpy()
+    np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(weights, ease_weights(gram, lam).numpy(), atol=1e-3)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        ease_weights(gram, lam, 1.0)
+
+
 def test_knn_weights_keep_each_playlists_k_nearest_by_cosine(matrix):
     binary = _binary(matrix)
     norms = np.linalg.norm(binary, axis=0)
@@ -143,9 +158,10 @@ def test_item_picks_join_the_neighbours_candidates(matrix, tmp_path):
     assert Pairings.load(tmp_path / "plain-bundle").item_score is None
 
 
-def test_ease_lambda_is_chosen_on_held_out_rows(matrix):
-    """The λ kept is the one whose picks hold most of the held-out rows; given a λ, no search."""
-    from training.items import EASE_LAMBDAS, tune_item_model
+def test_ease_lambda_and_dropout_are_chosen_on_held_out_rows(matrix):
+    """λ first (at no dropout), then the dropout at the best λ; the pair kept is the one whose
+    picks hold most of the held-out rows; given both, no search."""
+    from training.items import EASE_DROPOUTS, EASE_LAMBDAS, tune_item_model
     from training.protocol import holdout_mask
 
     coo = matrix.tocoo()
@@ -153,8 +169,11 @@ def test_ease_lambda_is_chosen_on_held_out_rows(matrix):
     kept = sp.csr_matrix((coo.data[~held], (coo.row[~held], coo.col[~held])), shape=matrix.shape)
     params = ItemParams(method="ease", count=20)
     model, recall = tune_item_model(kept, params, coo.row[held], coo.col[held])
-    assert set(recall) == set(EASE_LAMBDAS)
-    assert recall[model.ease_lambda] == max(recall.values())
+    best_lambda = max(EASE_LAMBDAS, key=lambda lam: recall[lam, 0.0])
+    assert set(recall) == {(lam, 0.0) for lam in EASE_LAMBDAS} | {
+        (best_lambda, p) for p in EASE_DROPOUTS
+    }
+    assert recall[model.ease_lambda, model.ease_dropout] == max(recall.values())
     # The recall it reports is the picks' share of each user's held-out rows, recomputed here.
     users = np.unique(coo.row[held])
     top = model.block(kept[users]).top_items
@@ -163,11 +182,18 @@ def test_ease_lambda_is_chosen_on_held_out_rows(matrix):
         / (coo.row[held] == u).sum()
         for i, u in enumerate(users)
     ]
-    assert recall[model.ease_lambda] == pytest.approx(np.mean(shares), abs=1e-9)
+    assert recall[model.ease_lambda, model.ease_dropout] == pytest.approx(np.mean(shares), abs=1e-9)
     fixed, tried = tune_item_model(
+        kept,
+        ItemParams(method="ease", count=20, ease_lambda=7.0, ease_dropout=0.2),
+        coo.row[held],
+        coo.col[held],
+    )
+    assert (fixed.ease_lambda, fixed.ease_dropout, tried) == (7.0, 0.2, {})
+    _, dropouts_only = tune_item_model(
         kept, ItemParams(method="ease", count=20, ease_lambda=7.0), coo.row[held], coo.col[held]
     )
-    assert fixed.ease_lambda == 7.0 and tried == {}
+    assert set(dropouts_only) == {(7.0, p) for p in EASE_DROPOUTS}
 
 
 def test_a_model_of_an_earlier_bundle_scores_rows_as_zero_one(matrix, tmp_path):
@@ -202,3 +228,27 @@ def test_a_model_of_an_earlier_bundle_scores_rows_as_zero_one(matrix, tmp_path):
     assert base_params(legacy).items.weighted_rows is False
     recent = Bundle(tmp_path, {"hyperparameters": {"dim": 16, "item_weighted_rows": True}})
     assert base_params(recent).items.weighted_rows is True
+
+
+def test_a_refresh_keeps_the_chosen_dropout_and_an_earlier_bundle_stays_plain_ease(
+    matrix, tmp_path
+):
+    from encore.bundle import Bundle
+    from training.item_state import load_item_model, save_item_model
+    from training.refresh import base_params
+
+    chose = {"ease_lambda": 25.0, "ease_dropout": 0.33}
+    recent = Bundle(tmp_path, {"hyperparameters": {}, "chosen_hyperparameters": chose})
+    assert (base_params(recent).ease_lambda, base_params(recent).ease_dropout) == (25.0, 0.33)
+    legacy = Bundle(
+        tmp_path, {"hyperparameters": {}, "chosen_hyperparameters": {"ease_lambda": 25.0}}
+    )
+    assert (base_params(legacy).ease_lambda, base_params(legacy).ease_dropout) == (25.0, 0.0)
+    model = fit_item_model(matrix, ItemParams(method="ease", ease_lambda=25.0, ease_dropout=0.33))
+    save_item_model(tmp_path, model, "v1")
+    kept = load_item_model(tmp_path, "v1")[1]
+    assert kept.ease_dropout == 0.33
+    np.testing.assert_array_equal(kept.weights.numpy(), model.weights.numpy())
+    meta = tmp_path / "item_model" / "meta.json"
+    meta.write_text(meta.read_text().replace(', "ease_dropout": 0.33', ""))
+    assert load_item_model(tmp_path, "v1")[1].ease_dropout == 0.0

@@ -103,6 +103,7 @@ def test_candidate_recall_per_generator(data):
     assert 0 < found["candidate_recall_popularity"] < 1
     assert result["recall@10"] <= found["candidate_recall_merged"]
     assert result["chosen_ease_lambda"] in (25.0, 100.0, 400.0)
+    assert result["chosen_ease_dropout"] in (0.0, 0.33, 0.67)
 
 
 def test_evaluate_sweep_prints_the_trade_off_and_draws_it(data, tmp_path):

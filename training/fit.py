@@ -51,6 +51,7 @@ class TrainParams:
     item_method: str = "auto"  # auto | ease | knn | none: the item-item candidate generator
     item_candidates: int = 50  # candidates per user from the item-item generator
     ease_lambda: float | None = None  # None: chosen on the first inner fold
+    ease_dropout: float | None = None  # EDLAE's p; None: chosen on the first inner fold
     popularity_penalty: float | None = None  # None: chosen on the inner split (cross-fitted)
     ease_max_items: int = 12_000  # playlists (held by 2+ users) above which item-KNN replaces EASE
     item_weighted_rows: bool = True  # the item model scores a user's log-weighted row
@@ -69,6 +70,7 @@ class TrainParams:
             method=self.item_method,
             count=self.item_candidates,
             ease_lambda=self.ease_lambda,
+            ease_dropout=self.ease_dropout,
             ease_max_items=self.ease_max_items,
             weighted_rows=self.item_weighted_rows,
         )
@@ -147,11 +149,19 @@ def fit(
             inner_items, tried = tune_item_model(
                 inner, item_params, user_codes[held], item_codes[held], seed=params.seed
             )
-            if tried:  # the λ the first fold chose serves the other folds and the final fit
-                item_params = replace(item_params, ease_lambda=inner_items.ease_lambda)
+            if tried:  # what the first fold chose serves the other folds and the final fit
+                item_params = replace(
+                    item_params,
+                    ease_lambda=inner_items.ease_lambda,
+                    ease_dropout=inner_items.ease_dropout,
+                )
                 chosen = {
                     "ease_lambda": inner_items.ease_lambda,
-                    "ease_lambda_inner_recall": {str(k): round(v, 5) for k, v in tried.items()},
+                    "ease_dropout": inner_items.ease_dropout,
+                    "ease_inner_recall": {
+                        f"lambda {lam:g}, dropout {p:g}": round(v, 5)
+                        for (lam, p), v in tried.items()
+                    },
                 }
         else:
             inner_items = fit_item_model(inner, item_params)

@@ -186,6 +186,7 @@ def _renumbered(model: ItemModel | None, item_map: np.ndarray, n_items: int) -> 
         model.count,
         n_items,
         ease_lambda=model.ease_lambda,
+        ease_dropout=model.ease_dropout,
         weighted_rows=model.weighted_rows,
     )
 

@@ -34,6 +34,7 @@ def save_item_model(state_dir: Path, model: ItemModel | None, version: str) -> N
             count=model.count,
             n_items=model.n_items,
             ease_lambda=model.ease_lambda,
+            ease_dropout=model.ease_dropout,
             weighted_rows=model.weighted_rows,
         )
         np.save(staging / "kept.npy", model.kept)
@@ -68,6 +69,7 @@ def load_item_model(state_dir: Path, version: str) -> tuple[bool, ItemModel | No
             meta["count"],
             meta["n_items"],
             ease_lambda=meta["ease_lambda"],
+            ease_dropout=meta.get("ease_dropout", 0.0),  # kept before EDLAE: plain EASE
             # Kept before rows were weighted: its model's ranker learnt on 0/1 rows.
             weighted_rows=meta.get("weighted_rows", False),
         )

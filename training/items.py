@@ -4,9 +4,12 @@ user's neighbours hold.
 Two models over the binary user x playlist matrix, both restricted to playlists at least two
 users hold (a playlist held by one user co-occurs with nothing else):
 
-- **EASE** (Steck, 2019): ``B = I - P / diag(P)`` with ``P = (XᵀX + λI)⁻¹`` and a zero
+- **EASE** (Steck, 2019): ``B = I - P / diag(P)`` with ``P = (XᵀX + Λ)⁻¹`` and a zero
   diagonal, a user's scores ``x_u B`` (``x_u`` the user's log-weighted row). Dense: used
-  while the catalog fits (``ease_max_items``).
+  while the catalog fits (``ease_max_items``). ``Λ = λI + p/(1-p) diag(XᵀX)``: besides
+  EASE's λ, each playlist is regularised in proportion to how many users hold it, which is
+  the closed form of an autoencoder trained with emphasized dropout ``p`` (EDLAE, Steck,
+  NeurIPS 2020); ``p = 0`` is EASE.
 - **item-KNN**: each playlist's ``knn_neighbours`` nearest playlists by cosine, from blocked
   sparse products; a user's scores ``x_u S`` (log-weighted too). Sparse: used above that size.
 
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,8 +35,10 @@ logger = logging.getLogger("encore.items")
 ITEM_METHODS = ("auto", "ease", "knn", "none")
 MIN_ITEM_USERS = 2
 KNN_BLOCK_ITEMS = 4096
-# EASE's regularisation is chosen on the inner split among these (each costs one inverse).
+# EASE's regularisation is chosen on the inner split among these pairs (each costs one
+# inverse): λ, then EDLAE's dropout p at the best λ.
 EASE_LAMBDAS = (25.0, 100.0, 400.0)
+EASE_DROPOUTS = (0.0, 0.33, 0.67)
 TUNING_USERS = 20_000  # held-out users the choice is measured on, at most
 TUNING_BLOCK = 2048
 
@@ -44,6 +48,8 @@ class ItemParams:
     method: str = "auto"  # auto | ease | knn | none
     count: int = 50  # candidates per user from this generator
     ease_lambda: float | None = None  # None: chosen on an inner split (tune_item_model)
+    # EDLAE's dropout; None: chosen on the inner split (0 in bundles trained before it).
+    ease_dropout: float | None = None
     ease_max_items: int = 12_000  # above this many playlists (held by 2+ users): item-KNN
     knn_neighbours: int = 100
     # A user's row is scored with its log weights (False: as 0/1, as bundles trained before
@@ -97,6 +103,7 @@ class ItemModel:
     n_items: int
     seconds: float = 0.0
     ease_lambda: float = float("nan")  # EASE's λ (nan for item-KNN)
+    ease_dropout: float = 0.0  # EDLAE's p (0: plain EASE)
     weighted_rows: bool = True  # see ItemParams.weighted_rows
 
     def block(self, seen: sp.csr_matrix) -> BlockScores:
@@ -146,10 +153,13 @@ class ItemModel:
 
 def fit_item_model(matrix: sp.csr_matrix, params: ItemParams = ItemParams()) -> ItemModel | None:
     """The item-item model of the (user x playlist) matrix, or None when the method is none or
-    no playlist is held by two users. EASE needs ``params.ease_lambda`` set (see
-    :func:`tune_item_model`); unset, it takes the middle of ``EASE_LAMBDAS``."""
+    no playlist is held by two users. EASE needs ``params.ease_lambda`` and ``ease_dropout``
+    set (see :func:`tune_item_model`); unset, they are the middle of ``EASE_LAMBDAS`` and 0."""
+    basis = _Basis.of(matrix, params)
+    if basis is None:
+        return None
     lam = EASE_LAMBDAS[1] if params.ease_lambda is None else params.ease_lambda
-    return next(_fit(matrix, params, [lam]), None)
+    return basis.model(params, lam, params.ease_dropout or 0.0)
 
 
 def tune_item_model(
@@ -159,82 +169,114 @@ def tune_item_model(
     held_items: np.ndarray,
     *,
     seed: int = 0,
-) -> tuple[ItemModel | None, dict[float, float]]:
-    """The item model of ``matrix`` with EASE's λ chosen among ``EASE_LAMBDAS`` (unless set):
-    the one whose picks hold most of the held-out rows ``(held_users, held_items)`` (the
-    recall of the ``count`` picks, averaged over at most ``TUNING_USERS`` of those users).
-    Returns the model and the recall of each λ tried."""
+) -> tuple[ItemModel | None, dict[tuple[float, float], float]]:
+    """The item model of ``matrix`` with EASE's λ and EDLAE's dropout chosen (unless set) as
+    the pair whose picks hold most of the held-out rows ``(held_users, held_items)`` (the
+    recall of the ``count`` picks, averaged over at most ``TUNING_USERS`` of those users): λ
+    among ``EASE_LAMBDAS`` first, then the dropout among ``EASE_DROPOUTS`` at that λ (five
+    inverses where the whole grid would take nine). Returns the model and the recall of each
+    (λ, dropout) tried."""
+    basis = _Basis.of(matrix, params)
+    if basis is None:
+        return None, {}
     lambdas = [params.ease_lambda] if params.ease_lambda is not None else list(EASE_LAMBDAS)
+    first_dropout = params.ease_dropout or 0.0
+    if basis.method != "ease" or (len(lambdas) == 1 and params.ease_dropout is not None):
+        return basis.model(params, lambdas[0], first_dropout), {}
     users = np.unique(held_users)
     if len(users) > TUNING_USERS:
         users = np.sort(np.random.default_rng(seed).choice(users, TUNING_USERS, replace=False))
     n_items = matrix.shape[1]
     held_keys = np.unique(held_users.astype(np.int64) * n_items + held_items)
     counts = np.bincount(held_users, minlength=matrix.shape[0])[users]
-    recall: dict[float, float] = {}
-    best = None
-    for model in _fit(matrix, params, lambdas):  # one at a time: only the best is kept
-        if len(lambdas) == 1 or model.method != "ease":
-            return model, {}
+    recall: dict[tuple[float, float], float] = {}
+    best: ItemModel | None = None
+
+    def consider(lam: float, dropout: float) -> None:
+        nonlocal best
+        model = basis.model(params, lam, dropout)  # one at a time: only the best is kept
         found = np.zeros(len(users))
         for start in range(0, len(users), TUNING_BLOCK):
             some = users[start : start + TUNING_BLOCK]
             top = model.block(matrix[some]).top_items
             hits = np.isin(some[:, None] * n_items + top, held_keys) & (top >= 0)
             found[start : start + len(some)] = hits.sum(axis=1)
-        recall[model.ease_lambda] = float(np.mean(found / np.maximum(counts, 1)))
-        if best is None or recall[model.ease_lambda] > recall[best.ease_lambda]:
+        recall[lam, dropout] = float(np.mean(found / np.maximum(counts, 1)))
+        if best is None or recall[lam, dropout] > recall[best.ease_lambda, best.ease_dropout]:
             best = model
-    if best is not None:
-        logger.debug("EASE lambda %s chosen; recall by lambda: %s", best.ease_lambda, recall)
+
+    for lam in lambdas:
+        consider(lam, first_dropout)
+    if params.ease_dropout is None:
+        for dropout in EASE_DROPOUTS:
+            if dropout != first_dropout:
+                consider(best.ease_lambda, dropout)
+    logger.debug(
+        "EASE lambda %s, dropout %s chosen; recall: %s", best.ease_lambda, best.ease_dropout, recall
+    )
     return best, recall
 
 
-def _fit(matrix: sp.csr_matrix, params: ItemParams, lambdas: list[float]) -> Iterator[ItemModel]:
-    """One model per λ (EASE), or one item-KNN model; nothing without a model."""
-    clock = time.perf_counter()
-    pop = popularity(matrix)
-    kept = np.flatnonzero(pop >= MIN_ITEM_USERS)
-    method = params.resolve(len(kept))
-    if method == "none" or len(kept) == 0 or params.count == 0:
-        return
-    binary = _binary(matrix[:, kept])
-    if method == "knn":
-        weights = knn_weights(binary, params.knn_neighbours)
-        seconds = time.perf_counter() - clock
-        yield ItemModel(
-            method,
-            kept,
+@dataclass(frozen=True)
+class _Basis:
+    """What every model of one matrix shares: the playlists kept, their binary columns and,
+    for EASE, their Gram matrix (each λ and dropout only changes its diagonal)."""
+
+    method: str
+    kept: np.ndarray
+    n_items: int
+    binary: sp.csr_matrix
+    gram: np.ndarray | None
+    seconds: float
+
+    @classmethod
+    def of(cls, matrix: sp.csr_matrix, params: ItemParams) -> _Basis | None:
+        clock = time.perf_counter()
+        pop = popularity(matrix)
+        kept = np.flatnonzero(pop >= MIN_ITEM_USERS)
+        method = params.resolve(len(kept))
+        if method == "none" or len(kept) == 0 or params.count == 0:
+            return None
+        binary = _binary(matrix[:, kept])
+        gram = (binary.T @ binary).toarray().astype(np.float32) if method == "ease" else None
+        return cls(method, kept, matrix.shape[1], binary, gram, time.perf_counter() - clock)
+
+    def model(self, params: ItemParams, lam: float, dropout: float) -> ItemModel:
+        clock = time.perf_counter()
+        if self.method == "knn":
+            weights = knn_weights(self.binary, params.knn_neighbours)
+            lam, dropout = float("nan"), 0.0
+        else:
+            weights = ease_weights(self.gram, lam, dropout)
+        seconds = self.seconds + time.perf_counter() - clock
+        logger.debug(
+            "%s over %d playlists (λ %s, p %s) in %.1fs",
+            self.method,
+            len(self.kept),
+            lam,
+            dropout,
+            seconds,
+        )
+        return ItemModel(
+            self.method,
+            self.kept,
             weights,
             params.count,
-            matrix.shape[1],
-            seconds,
-            weighted_rows=params.weighted_rows,
-        )
-        return
-    gram = (binary.T @ binary).toarray().astype(np.float32)
-    for lam in lambdas:
-        ease = ease_weights(gram, lam)
-        seconds = time.perf_counter() - clock
-        logger.debug("EASE over %d playlists, lambda %s, in %.1fs", len(kept), lam, seconds)
-        yield ItemModel(
-            method,
-            kept,
-            ease,
-            params.count,
-            matrix.shape[1],
+            self.n_items,
             seconds,
             lam,
+            dropout,
             weighted_rows=params.weighted_rows,
         )
-        clock = time.perf_counter()
 
 
-def ease_weights(gram: np.ndarray, lam: float) -> torch.Tensor:
+def ease_weights(gram: np.ndarray, lam: float, dropout: float = 0.0) -> torch.Tensor:
     """EASE's ``B`` from the Gram matrix ``XᵀX`` of a binary matrix: ``I - P / diag(P)``,
-    ``P = (XᵀX + λI)⁻¹``."""
+    ``P = (XᵀX + λI + p/(1-p) diag(XᵀX))⁻¹`` (``p`` EDLAE's dropout; 0 is EASE)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"EASE dropout must be in [0, 1), got {dropout!r}")
     gram = torch.tensor(gram, dtype=torch.float32)  # a copy: the caller's serves every λ
-    gram.diagonal().add_(lam)
+    gram.diagonal().mul_(1.0 + dropout / (1.0 - dropout)).add_(lam)
     # Symmetric positive definite: a Cholesky inverse is half the work of a general one.
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     del gram

@@ -40,7 +40,7 @@ TABLE_KEYS = (
 
 
 def base_params(base: Bundle) -> TrainParams:
-    """The hyper-parameters ``base`` was trained with, its choices (λ, penalty) fixed."""
+    """The hyper-parameters ``base`` was trained with, its choices (λ, dropout, penalty) fixed."""
     stored = dict(base.metadata.get("hyperparameters") or {})
     known = {f.name for f in dataclasses.fields(TrainParams)}
     values = {k: v for k, v in stored.items() if k in known}
@@ -51,6 +51,8 @@ def base_params(base: Bundle) -> TrainParams:
     chosen = base.metadata.get("chosen_hyperparameters") or {}
     if "ease_lambda" in chosen:
         values["ease_lambda"] = chosen["ease_lambda"]
+        # Chosen before EDLAE's dropout was: its item model was plain EASE.
+        values["ease_dropout"] = chosen.get("ease_dropout", 0.0)
     return TrainParams(**values)
 
 

@@ -64,6 +64,7 @@ def retrain_params(champion: Bundle) -> TrainParams:
     return dataclasses.replace(
         params,
         ease_lambda=stored.get("ease_lambda"),
+        ease_dropout=stored.get("ease_dropout"),
         popularity_penalty=stored.get("popularity_penalty"),
     )
 

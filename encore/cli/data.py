@@ -43,6 +43,15 @@ EaseLambdaOpt = Annotated[
     float | None,
     typer.Option(min=0.001, help="EASE's regularisation (> 0); unset: chosen on an inner split."),
 ]
+EaseDropoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=0.95,
+        help="EASE's popularity regularisation as EDLAE's dropout (0 = plain EASE); unset: "
+        "chosen on an inner split.",
+    ),
+]
 
 
 def _columns(value: str | None) -> list[str] | None:
@@ -119,7 +128,7 @@ def train(
     neighbours: Annotated[int | None, typer.Option(min=1, help="K neighbours [50].")] = None,
     candidates: Annotated[int | None, typer.Option(min=1, help="Candidates per user [75].")] = None,
     dim: Annotated[int | None, typer.Option(min=2, help="Embedding dimension [128].")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Ranker epochs [30].")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Ranker epochs [40].")] = None,
     pairing: Annotated[str | None, typer.Option(help="auto, exact or ann [auto].")] = None,
     engine: Annotated[
         str | None,
@@ -131,6 +140,7 @@ def train(
     item_method: ItemMethodOpt = None,
     item_candidates: ItemCandidatesOpt = None,
     ease_lambda: EaseLambdaOpt = None,
+    ease_dropout: EaseDropoutOpt = None,
     popularity_penalty: PenaltyOpt = None,
     run_evaluation: Annotated[
         bool, typer.Option("--evaluate/--no-evaluate", help="Also run the quality protocol.")
@@ -165,6 +175,7 @@ def train(
         item_method=_item_method(item_method),
         item_candidates=item_candidates,
         ease_lambda=ease_lambda,
+        ease_dropout=ease_dropout,
         popularity_penalty=popularity_penalty,
         ease_max_items=settings.ease_max_items,
     )
@@ -217,6 +228,7 @@ def evaluate(
     item_method: ItemMethodOpt = None,
     item_candidates: ItemCandidatesOpt = None,
     ease_lambda: EaseLambdaOpt = None,
+    ease_dropout: EaseDropoutOpt = None,
     popularity_penalty: PenaltyOpt = None,
     sweep: Annotated[
         bool,
@@ -250,6 +262,7 @@ def evaluate(
         item_method=_item_method(item_method),
         item_candidates=item_candidates,
         ease_lambda=ease_lambda,
+        ease_dropout=ease_dropout,
         popularity_penalty=popularity_penalty,
         ease_max_items=get_settings().ease_max_items,
     )
@@ -331,6 +344,7 @@ def _print_evaluation(result: dict) -> None:
         label: result[key]
         for label, key in (
             ("EASE λ", "chosen_ease_lambda"),
+            ("EASE dropout", "chosen_ease_dropout"),
             ("epochs", "chosen_epochs"),
             ("popularity penalty", "chosen_popularity_penalty"),
         )
