@@ -161,3 +161,16 @@ def test_rank_features_place_each_candidate_in_its_list_padding_last():
     )
     assert raw.shape == (2, 4, 9)
     assert FEATURES[9:] == ("item_score_rank", "embedding_rank")
+
+
+def test_a_given_ease_dropout_is_kept_and_a_bad_one_is_refused(data):
+    runner = CliRunner()
+    base = ["evaluate", "-i", str(data), "--dim", "16", "--epochs", "1", "--item-method", "ease"]
+    result = runner.invoke(app, [*base, "--ease-dropout", "0.2"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["chosen_ease_dropout"] == 0.2  # λ still searched, at that dropout only
+    assert {key.split(", ")[1] for key in metrics["chosen_ease_inner_recall"]} == {"dropout 0.2"}
+    refused = runner.invoke(app, [*base, "--ease-dropout", "1"])
+    assert refused.exit_code == 2
+    assert "--ease-dropout" in refused.output and "0.95" in refused.output
