@@ -44,6 +44,41 @@ def test_ann_neighbours_agree_with_brute_force():
     np.testing.assert_array_equal(again[1], sim)
 
 
+def test_ann_search_runs_on_every_worker_thread_with_the_same_neighbours(monkeypatch):
+    """The search's batches run on worker_threads() threads (each product on one torch
+    thread), and the neighbours do not depend on how many."""
+    import concurrent.futures
+
+    import torch
+
+    import training.ann as ann
+
+    vectors = clustered_vectors()
+    monkeypatch.setattr(ann, "ANN_QUERY_BATCH", 256)
+    monkeypatch.setattr(ann, "ANN_QUERIES_PER_LIST", 2)
+    monkeypatch.setattr(ann.os, "cpu_count", lambda: 4)
+    pools: list[int] = []
+
+    class Recorded(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, max_workers=None, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(ann, "ThreadPoolExecutor", Recorded)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ann.ann_neighbours(vectors, 10)
+        torch.set_num_threads(3)
+        shared = ann.ann_neighbours(vectors, 10)
+        assert torch.get_num_threads() == 3  # given back after the search
+    finally:
+        torch.set_num_threads(before)
+    assert pools == [1, 3]
+    np.testing.assert_array_equal(alone[0], shared[0])
+    np.testing.assert_array_equal(alone[1], shared[1])
+
+
 def dense_candidates(matrix, nbr_idx, nbr_sim, cap):
     """The rule written out densely: support, counts, unseen, support then popularity order."""
     held = (matrix.toarray() > 0).astype(np.float64)

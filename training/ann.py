@@ -158,7 +158,9 @@ def _grouped(factors: np.ndarray, source: np.ndarray, position: np.ndarray) -> n
 
 
 def _search_here(search: _ProbeSearch, firsts: range) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    with _torch_threads(1), ThreadPoolExecutor(max_workers=worker_threads()) as pool:
+    # Counted before torch is set to one thread: counted inside, it is always one worker.
+    workers = worker_threads()
+    with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(search, firsts)
 
 
