@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from encore.cli import app
 from inference.ranker import FEATURES, Ranker
 from training.evaluate import evaluate
-from training.fit import TrainParams
+from training.fit import TrainParams, inner_fold_count
 from training.ingest import read_interactions
 from training.ranker_training import PENALTIES, RECALL_TOLERANCE, Examples, train_ranker
 from training.synthetic import SyntheticSpec, generate
@@ -104,6 +104,22 @@ def test_candidate_recall_per_generator(data):
     assert result["recall@10"] <= found["candidate_recall_merged"]
     assert result["chosen_ease_lambda"] in (25.0, 100.0, 400.0)
     assert result["chosen_ease_dropout"] in (0.0, 0.33, 0.67)
+    # 1,200 users hold rows out: four inner folds to give the ranker more examples.
+    assert result["chosen_inner_folds"] == 4
+
+
+def test_inner_folds_reach_the_example_cap_between_two_and_four():
+    def rows(users: int, each: int = 5) -> np.ndarray:
+        return np.repeat(np.arange(users), each)
+
+    assert inner_fold_count(rows(1_900), 100_000) == 4
+    assert inner_fold_count(rows(40_000), 100_000) == 3  # 3 x 40,000 reach 100,000
+    assert inner_fold_count(rows(60_000), 100_000) == 2
+    assert inner_fold_count(rows(1_000_000), 100_000) == 2
+    # Users with too few rows hold nothing out, so they are no examples.
+    few = np.concatenate([rows(60_000, each=4), rows(30_000) + 60_000])
+    assert inner_fold_count(few, 100_000) == 4
+    assert inner_fold_count(np.zeros(0, dtype=np.int64), 100_000) == 4
 
 
 def test_evaluate_sweep_prints_the_trade_off_and_draws_it(data, tmp_path):

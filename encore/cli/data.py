@@ -343,6 +343,7 @@ def _print_evaluation(result: dict) -> None:
     chosen = {
         label: result[key]
         for label, key in (
+            ("inner folds", "chosen_inner_folds"),
             ("EASE λ", "chosen_ease_lambda"),
             ("EASE dropout", "chosen_ease_dropout"),
             ("epochs", "chosen_epochs"),
