@@ -71,6 +71,19 @@ def test_knn_weights_keep_each_playlists_k_nearest_by_cosine(matrix):
         assert left.max(initial=0) <= weights.data[span].min() + 1e-6
 
 
+def test_knn_weights_do_not_depend_on_the_threads_or_the_blocks(matrix, monkeypatch):
+    """Blocks multiplied on several threads, in blocks smaller with more of them: the same
+    neighbours and similarities, in the same order, as one block on one thread."""
+    binary = sp.csr_matrix(_binary(matrix))
+    alone = knn_weights(binary, 5, workers=1)
+    monkeypatch.setattr("training.items.KNN_BLOCK_ITEMS", 48)  # 400 playlists: many blocks
+    for workers in (1, 3):
+        threaded = knn_weights(binary, 5, workers=workers)
+        np.testing.assert_array_equal(threaded.indptr, alone.indptr)
+        np.testing.assert_array_equal(threaded.indices, alone.indices)
+        np.testing.assert_array_equal(threaded.data, alone.data)
+
+
 @pytest.mark.parametrize("method", ["ease", "knn"])
 def test_block_scores_are_the_best_unseen_playlists_and_look_up_any_pair(matrix, method):
     model = fit_item_model(matrix, ItemParams(method=method, count=20, ease_lambda=50.0))
