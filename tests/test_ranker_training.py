@@ -108,18 +108,18 @@ def test_candidate_recall_per_generator(data):
     assert result["chosen_inner_folds"] == 4
 
 
-def test_inner_folds_reach_the_example_cap_between_two_and_four():
+def test_more_inner_folds_only_where_users_are_few():
     def rows(users: int, each: int = 5) -> np.ndarray:
         return np.repeat(np.arange(users), each)
 
-    assert inner_fold_count(rows(1_900), 100_000) == 4
-    assert inner_fold_count(rows(40_000), 100_000) == 3  # 3 x 40,000 reach 100,000
-    assert inner_fold_count(rows(60_000), 100_000) == 2
-    assert inner_fold_count(rows(1_000_000), 100_000) == 2
+    assert inner_fold_count(rows(1_900)) == 4
+    assert inner_fold_count(rows(4_000)) == 3  # 3 x 4,000 reach FEW_EXAMPLES
+    assert inner_fold_count(rows(5_000)) == 2
+    assert inner_fold_count(rows(1_000_000)) == 2
     # Users with too few rows hold nothing out, so they are no examples.
-    few = np.concatenate([rows(60_000, each=4), rows(30_000) + 60_000])
-    assert inner_fold_count(few, 100_000) == 4
-    assert inner_fold_count(np.zeros(0, dtype=np.int64), 100_000) == 4
+    few = np.concatenate([rows(60_000, each=4), rows(3_000) + 60_000])
+    assert inner_fold_count(few) == 4
+    assert inner_fold_count(np.zeros(0, dtype=np.int64)) == 4
 
 
 def test_evaluate_sweep_prints_the_trade_off_and_draws_it(data, tmp_path):
