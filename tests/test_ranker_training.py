@@ -190,3 +190,16 @@ def test_a_given_ease_dropout_is_kept_and_a_bad_one_is_refused(data):
     refused = runner.invoke(app, [*base, "--ease-dropout", "1"])
     assert refused.exit_code == 2
     assert "--ease-dropout" in refused.output and "0.95" in refused.output
+
+
+def test_given_inner_folds_are_used_and_zero_is_refused(data):
+    runner = CliRunner()
+    base = ["evaluate", "-i", str(data), "--dim", "16", "--epochs", "1"]
+    result = runner.invoke(app, [*base, "--inner-folds", "1"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["chosen_inner_folds"] == 1
+    assert "inner folds 1" in result.stderr  # the table, beside the JSON line
+    refused = runner.invoke(app, [*base, "--inner-folds", "0"])
+    assert refused.exit_code == 2
+    assert "--inner-folds" in refused.output

@@ -43,6 +43,14 @@ EaseLambdaOpt = Annotated[
     float | None,
     typer.Option(min=0.001, help="EASE's regularisation (> 0); unset: chosen on an inner split."),
 ]
+InnerFoldsOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=10,
+        help="Inner folds the ranker learns from; unset: 2, up to 4 where users are few.",
+    ),
+]
 EaseDropoutOpt = Annotated[
     float | None,
     typer.Option(
@@ -141,6 +149,7 @@ def train(
     item_candidates: ItemCandidatesOpt = None,
     ease_lambda: EaseLambdaOpt = None,
     ease_dropout: EaseDropoutOpt = None,
+    inner_folds: InnerFoldsOpt = None,
     popularity_penalty: PenaltyOpt = None,
     run_evaluation: Annotated[
         bool, typer.Option("--evaluate/--no-evaluate", help="Also run the quality protocol.")
@@ -176,6 +185,7 @@ def train(
         item_candidates=item_candidates,
         ease_lambda=ease_lambda,
         ease_dropout=ease_dropout,
+        inner_folds=inner_folds,
         popularity_penalty=popularity_penalty,
         ease_max_items=settings.ease_max_items,
     )
@@ -229,6 +239,7 @@ def evaluate(
     item_candidates: ItemCandidatesOpt = None,
     ease_lambda: EaseLambdaOpt = None,
     ease_dropout: EaseDropoutOpt = None,
+    inner_folds: InnerFoldsOpt = None,
     popularity_penalty: PenaltyOpt = None,
     sweep: Annotated[
         bool,
@@ -263,6 +274,7 @@ def evaluate(
         item_candidates=item_candidates,
         ease_lambda=ease_lambda,
         ease_dropout=ease_dropout,
+        inner_folds=inner_folds,
         popularity_penalty=popularity_penalty,
         ease_max_items=get_settings().ease_max_items,
     )
