@@ -32,8 +32,8 @@ def main() -> None:
 
     from training.ann import worker_threads
     from training.ingest import read_interactions
-    from training.items import MIN_ITEM_USERS, _binary, knn_weights
-    from training.matrix import encode, interaction_matrix, popularity
+    from training.items import ItemParams, _Basis, knn_weights
+    from training.matrix import encode, interaction_matrix
 
     path = cached_data(args.cache, args.users, playlists, args.seed)
     rows = read_interactions(path)
@@ -41,7 +41,8 @@ def main() -> None:
     items, item_codes = encode(rows.playlist_ids)
     matrix = interaction_matrix(user_codes, item_codes, rows.weights, (len(users), len(items)))
     del rows
-    binary = _binary(matrix[:, np.flatnonzero(popularity(matrix) >= MIN_ITEM_USERS)])
+    # The playlists and binary columns the training's item-KNN is fitted on.
+    binary = _Basis.of(matrix, ItemParams(method="knn")).binary
     threads = worker_threads()
     times: dict[int, list[float]] = {1: [], threads: []}
     results = {}
