@@ -112,24 +112,16 @@ def ease_grid(interactions) -> list[dict]:
     import scipy.sparse as sp
     import torch
 
+    from training.evaluate import protocol_rows
     from training.items import ease_weights
-    from training.matrix import encode, merge_repeats
-    from training.protocol import holdout_mask, list_metrics, ranking_metrics
+    from training.protocol import list_metrics, ranking_metrics
 
-    users, user_codes = encode(interactions.user_ids)
-    items, item_codes = encode(interactions.playlist_ids)
-    shape = (len(users), len(items))
-    user_codes, item_codes, _ = merge_repeats(
-        user_codes, item_codes, interactions.weights, shape[1]
-    )
-    held = holdout_mask(user_codes)
+    rows = protocol_rows(interactions)
+    shape, held_indptr, held_items = rows.shape, rows.held_indptr, rows.held_items
     train = sp.csr_matrix(
-        (np.ones(int((~held).sum()), np.float32), (user_codes[~held], item_codes[~held])),
+        (np.ones(len(rows.user_codes), np.float32), (rows.user_codes, rows.item_codes)),
         shape=shape,
     )
-    order = np.argsort(user_codes[held], kind="stable")
-    held_indptr = np.searchsorted(user_codes[held][order], np.arange(shape[0] + 1))
-    held_items = item_codes[held][order]
     tested = np.flatnonzero(np.diff(held_indptr) > 0)
     popularity = np.asarray(train.sum(axis=0)).ravel()
     gram = (train.T @ train).toarray()

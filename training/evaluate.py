@@ -77,6 +77,44 @@ class Split:
     seconds: float
 
 
+@dataclass(frozen=True)
+class ProtocolRows:
+    """The protocol's split of a data set, before anything is fitted: the training rows as codes,
+    and the held-out playlists by user code."""
+
+    user_ids: np.ndarray  # by user code
+    playlist_ids: np.ndarray  # by item code
+    shape: tuple[int, int]
+    user_codes: np.ndarray  # the training rows
+    item_codes: np.ndarray
+    weights: np.ndarray
+    held_indptr: np.ndarray  # user code -> its held-out rows in held_items
+    held_items: np.ndarray
+
+
+def protocol_rows(interactions: Interactions) -> ProtocolRows:
+    """Encode, sum repeated pairs and hold out per the protocol."""
+    users, user_codes = encode(interactions.user_ids)
+    items, item_codes = encode(interactions.playlist_ids)
+    shape = (len(users), len(items))
+    user_codes, item_codes, weights = merge_repeats(
+        user_codes, item_codes, interactions.weights, shape[1]
+    )
+    held = holdout_mask(user_codes)
+    order = np.argsort(user_codes[held], kind="stable")
+    held_indptr = np.searchsorted(user_codes[held][order], np.arange(shape[0] + 1))
+    return ProtocolRows(
+        users.ids,
+        items.ids,
+        shape,
+        user_codes[~held],
+        item_codes[~held],
+        weights[~held],
+        held_indptr,
+        item_codes[held][order],
+    )
+
+
 # Fits a pipeline on (user codes, item codes, weights, shape): training's ``fit`` by default;
 # the retraining gate passes one that installs the champion's trained ranker instead.
 Fitter = Callable[[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]], FittedModel]
@@ -90,25 +128,14 @@ def fit_split(
     fitter: Fitter | None = None,
 ) -> Split:
     """Hold out per the protocol and fit on the rest."""
-    users, user_codes = encode(interactions.user_ids)
-    items, item_codes = encode(interactions.playlist_ids)
-    shape = (len(users), len(items))
-    user_codes, item_codes, weights = merge_repeats(
-        user_codes, item_codes, interactions.weights, shape[1]
-    )
-    held = holdout_mask(user_codes)
+    rows = protocol_rows(interactions)
+    training = (rows.user_codes, rows.item_codes, rows.weights, rows.shape)
     clock = time.perf_counter()
-    if fitter is None:
-        fitted = fit(
-            user_codes[~held], item_codes[~held], weights[~held], shape, params, progress=progress
-        )
-    else:
-        fitted = fitter(user_codes[~held], item_codes[~held], weights[~held], shape)
+    fitted = fit(*training, params, progress=progress) if fitter is None else fitter(*training)
     seconds = time.perf_counter() - clock
-    order = np.argsort(user_codes[held], kind="stable")
-    held_users = user_codes[held][order]
-    held_indptr = np.searchsorted(held_users, np.arange(shape[0] + 1))
-    return Split(fitted, users.ids, items.ids, held_indptr, item_codes[held][order], seconds)
+    return Split(
+        fitted, rows.user_ids, rows.playlist_ids, rows.held_indptr, rows.held_items, seconds
+    )
 
 
 def evaluate(
