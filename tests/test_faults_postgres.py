@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg_pool import AsyncConnectionPool
 
 from model_server.app import create_app
 from tests.api_support import Backend, published_backend, use_backend
@@ -46,11 +47,15 @@ def _rows_by_event(backend: Backend, event_ids: list[str]) -> dict[str, int]:
 
 
 def _kill_connections(backend: Backend) -> int:
-    """End every session on the test database, as a Postgres restart does to a client."""
+    """End every session on the test database, as a Postgres restart does to a client.
+
+    Waits (up to 5 s each) until the sessions are gone: a restart is over before a client
+    sees it, and `pg_terminate_backend` alone only sends the signal.
+    """
     name = psycopg.conninfo.conninfo_to_dict(backend.settings.database_url)["dbname"]
     with _postgres_admin() as admin:
         killed = admin.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
             " WHERE datname = %s AND pid <> pg_backend_pid()",
             (name,),
         ).fetchone()[0]
@@ -133,6 +138,25 @@ def test_a_postgres_restart_costs_no_request(backend, monkeypatch):
         statuses = [api.post("/v1/feedback", json=new_event(backend)).status_code for _ in range(6)]
         assert statuses == [201] * 6
         assert api.get("/v1/runs").status_code == 200
+
+
+def test_a_connection_killed_after_the_pools_check_costs_no_request(backend, monkeypatch):
+    # The session ends between the pool's check and the statement (a restart's signal lands
+    # late): here, no check at all, so every pooled connection is handed out dead.
+    async def no_check(cls, conn) -> None:
+        return None
+
+    monkeypatch.setattr(AsyncConnectionPool, "check_connection", classmethod(no_check))
+    use_backend(monkeypatch, backend)
+    with TestClient(create_app()) as api:
+        events = [new_event(backend) for _ in range(10)]
+        for event in events[:4]:
+            assert api.post("/v1/feedback", json=event).status_code == 201
+        assert _kill_connections(backend) >= 1
+        statuses = [api.post("/v1/feedback", json=event).status_code for event in events[4:]]
+        assert statuses == [201] * 6
+    every = [event["event_id"] for event in events]
+    assert _rows_by_event(backend, every) == dict.fromkeys(every, 1)
 
 
 @pytest.mark.slow

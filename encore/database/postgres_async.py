@@ -88,14 +88,31 @@ class AsyncPostgresDatabase(AsyncDatabase):
         one: bool = False,
         timeout_seconds: float | None = None,
     ):
-        try:
-            async with self.pool.connection(timeout=timeout_seconds) as conn:
-                cursor = await conn.execute(sql, params)
-                if cursor.description is None:
-                    return None
-                return await (cursor.fetchone() if one else cursor.fetchall())
-        except psycopg.Error as exc:  # PoolTimeout is one
-            raise self._unavailable(exc) from exc
+        # The pool's check runs just before a connection is handed out, but a server can
+        # still end the session between that check and the statement (a restart's SIGTERM
+        # lands asynchronously). A statement that failed because its connection broke is run
+        # again on another connection: every statement here is a read or an insert that is
+        # idempotent by its key, so a second run never stores anything twice. A broken
+        # connection leaves the pool, so a restart that killed them all costs at most one
+        # attempt per pooled connection.
+        attempts = self.pool.max_size + 1
+        for attempt in range(1, attempts + 1):
+            used: psycopg.AsyncConnection | None = None
+            try:
+                async with self.pool.connection(timeout=timeout_seconds) as conn:
+                    used = conn
+                    cursor = await conn.execute(sql, params)
+                    if cursor.description is None:
+                        return None
+                    return await (cursor.fetchone() if one else cursor.fetchall())
+            except psycopg.OperationalError as exc:
+                if attempt < attempts and used is not None and used.broken:
+                    logger.warning("a pooled Postgres connection broke (%s); retrying", exc)
+                    continue
+                raise self._unavailable(exc) from exc
+            except psycopg.Error as exc:  # PoolTimeout is one
+                raise self._unavailable(exc) from exc
+        raise AssertionError("unreachable")
 
     async def insert_feedback(self, event: FeedbackEvent) -> bool:
         row = await self._fetch(
