@@ -35,6 +35,10 @@ FEATURES = (
     "item_score_rank",
     "embedding_rank",
 )
+# The features of the item-item model and popularity alone: where the neighbours and the
+# embeddings add nothing the item model does not know (MovieLens 100k), a ranker over them
+# all learns their noise; training compares this set with all of them (ranker_training).
+ITEM_FEATURES = ("item_score", "relative_item_score", "item_score_rank", "log_popularity")
 # Bundles written before the item-item generator name no features in their model spec (and
 # those written before the ranks name the nine they learnt on).
 LEGACY_FEATURES = FEATURES[:7]
@@ -86,6 +90,7 @@ class Ranker(nn.Module):
             raise ValueError(f"unknown ranker feature {unknown[0]!r}; known: {', '.join(FEATURES)}")
         self.neighbours = neighbours
         self.candidates = candidates
+        self.hidden = tuple(hidden)
         self.feature_names = tuple(features)
         # Subtracted times log(1 + popularity) from every score: a softmax-trained score is a
         # log-probability, so this divides each candidate's odds by its popularity**penalty.
@@ -105,6 +110,19 @@ class Ranker(nn.Module):
             width = size
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
+
+    def narrowed(self, features: tuple[str, ...]) -> Ranker:
+        """An untrained ranker like this one (tables empty) that scores with ``features``."""
+        return Ranker(
+            self.user_embedding.num_embeddings,
+            self.item_embedding.num_embeddings,
+            dim=self.user_embedding.embedding_dim,
+            hidden=self.hidden,
+            neighbours=self.neighbours,
+            candidates=self.candidates,
+            features=features,
+            popularity_penalty=self.popularity_penalty,
+        )
 
     def set_tables(
         self,

@@ -172,9 +172,10 @@ def test_item_picks_join_the_neighbours_candidates(matrix, tmp_path):
 
 
 def test_ease_lambda_and_dropout_are_chosen_on_held_out_rows(matrix):
-    """λ first (at no dropout), then the dropout at the best λ; the pair kept is the one whose
-    picks hold most of the held-out rows; given both, no search."""
-    from training.items import EASE_DROPOUTS, EASE_LAMBDAS, tune_item_model
+    """λ walked from the start (at the start's dropout), then the dropout at the best λ; each
+    walk ends on a rung no neighbour beats; the pair kept is the one whose top 10 picks hold
+    most of the held-out rows; given both, no search."""
+    from training.items import EASE_DROPOUTS, EASE_LAMBDAS, EASE_START, tune_item_model
     from training.protocol import holdout_mask
 
     coo = matrix.tocoo()
@@ -182,20 +183,32 @@ def test_ease_lambda_and_dropout_are_chosen_on_held_out_rows(matrix):
     kept = sp.csr_matrix((coo.data[~held], (coo.row[~held], coo.col[~held])), shape=matrix.shape)
     params = ItemParams(method="ease", count=20)
     model, recall = tune_item_model(kept, params, coo.row[held], coo.col[held])
-    best_lambda = max(EASE_LAMBDAS, key=lambda lam: recall[lam, 0.0])
-    assert set(recall) == {(lam, 0.0) for lam in EASE_LAMBDAS} | {
-        (best_lambda, p) for p in EASE_DROPOUTS
+    lam, dropout = model.ease_lambda, model.ease_dropout
+    lambdas = [value for value in EASE_LAMBDAS if (value, EASE_START[1]) in recall]
+    dropouts = [value for value in EASE_DROPOUTS if (lam, value) in recall]
+    assert set(recall) == {(value, EASE_START[1]) for value in lambdas} | {
+        (lam, value) for value in dropouts
     }
-    assert recall[model.ease_lambda, model.ease_dropout] == max(recall.values())
-    # The recall it reports is the picks' share of each user's held-out rows, recomputed here.
+    for ladder, tried, at, key in (
+        (EASE_LAMBDAS, lambdas, lam, lambda value: (value, EASE_START[1])),
+        (EASE_DROPOUTS, dropouts, dropout, lambda value: (lam, value)),
+    ):
+        assert EASE_START[ladder is EASE_DROPOUTS] in tried
+        first = ladder.index(tried[0])
+        assert tried == list(ladder[first : first + len(tried)])  # a walk: no rung skipped
+        here = ladder.index(at)
+        for rung in (here - 1, here + 1):  # a neighbour either beaten or the ladder's end
+            assert rung < 0 or rung >= len(ladder) or recall[key(ladder[rung])] <= recall[key(at)]
+    assert recall[lam, dropout] == max(recall.values())
+    # The recall it reports is the top 10 picks' share of each user's held-out rows.
     users = np.unique(coo.row[held])
-    top = model.block(kept[users]).top_items
+    top = model.block(kept[users]).top_items[:, :10]
     shares = [
         len(set(top[i][top[i] >= 0]) & set(coo.col[held][coo.row[held] == u]))
         / (coo.row[held] == u).sum()
         for i, u in enumerate(users)
     ]
-    assert recall[model.ease_lambda, model.ease_dropout] == pytest.approx(np.mean(shares), abs=1e-9)
+    assert recall[lam, dropout] == pytest.approx(np.mean(shares), abs=1e-9)
     fixed, tried = tune_item_model(
         kept,
         ItemParams(method="ease", count=20, ease_lambda=7.0, ease_dropout=0.2),
@@ -206,7 +219,30 @@ def test_ease_lambda_and_dropout_are_chosen_on_held_out_rows(matrix):
     _, dropouts_only = tune_item_model(
         kept, ItemParams(method="ease", count=20, ease_lambda=7.0), coo.row[held], coo.col[held]
     )
-    assert set(dropouts_only) == {(7.0, p) for p in EASE_DROPOUTS}
+    assert {lam for lam, _ in dropouts_only} == {7.0}
+    assert (7.0, EASE_START[1]) in dropouts_only
+
+
+def test_a_walk_climbs_to_the_peak_of_its_ladder_and_measures_each_rung_once():
+    from training.items import _walk
+
+    ladder = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
+    for peak in range(len(ladder)):
+        for start in range(len(ladder)):
+            measured = []
+
+            def score(value, peak=peak, measured=measured):
+                measured.append(value)
+                return -abs(ladder.index(value) - peak)
+
+            assert _walk(ladder, ladder[start], score) == ladder[peak]
+            assert len(measured) == len(set(measured))
+            # The start, one rung the wrong way (unless at an end), the climb and one past it.
+            assert len(measured) <= abs(peak - start) + 3
+    # Ties stay where they are: a flat ladder ends on its start.
+    assert _walk(ladder, 4.0, lambda value: 0.0) == 4.0
+    # A start off the ladder is measured and kept.
+    assert _walk(ladder, 2.5, lambda value: 0.0) == 2.5
 
 
 def test_a_model_of_an_earlier_bundle_scores_rows_as_zero_one(matrix, tmp_path):

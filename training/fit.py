@@ -208,8 +208,10 @@ def fit(
         report=report,
     )
     del examples
+    ranker = choice.ranker
     ranker.popularity_penalty = choice.popularity_penalty
     chosen.update(
+        features=list(ranker.feature_names),
         epochs=choice.epochs,
         popularity_penalty=choice.popularity_penalty,
         ranker_validation=choice.validation,

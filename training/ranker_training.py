@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from encore.progress import Progress
-from inference.ranker import Ranker
+from inference.ranker import ITEM_FEATURES, Ranker
 
 logger = logging.getLogger("encore.fit")
 
@@ -49,6 +49,12 @@ class Examples:
     def take(self, rows: torch.Tensor) -> Examples:
         return Examples(*(field[rows] for field in _fields(self)))
 
+    def columns(self, features: list[int]) -> Examples:
+        """The same examples with only these feature columns (by index into ``raw``)."""
+        if features == list(range(self.raw.shape[-1])):
+            return self
+        return replace(self, raw=self.raw[..., features])
+
     def halves(self, seed: int) -> list[tuple[Examples, Examples]]:
         """Two (training, validation) pairs, split by user (one user's rows of both folds stay
         together), each half validating once; none with fewer than two users."""
@@ -78,6 +84,28 @@ class TrainingChoice:
     epochs: int  # epochs trained (the cross-fit's best; all of them with one user)
     popularity_penalty: float
     validation: dict  # what the cross-fit measured, for the bundle's metadata
+    ranker: Ranker  # the trained ranker: the one given, or one over fewer features
+
+
+@dataclass
+class _CrossFit:
+    """One feature set's cross-fit: a ranker per half, measured on the other after each epoch."""
+
+    ranker: Ranker
+    examples: Examples
+    halves: list[tuple[Examples, Examples]]
+    recall_by_epoch: np.ndarray  # summed over the validation rows
+    states: list[list[dict]]  # per half, the MLP's weights after each epoch
+    initial: dict  # the MLP's weights before any training
+
+    @property
+    def best_epoch(self) -> int:
+        return int(np.argmax(self.recall_by_epoch)) + 1
+
+    @property
+    def best_recall(self) -> float:
+        rows = sum(len(validation.users) for _, validation in self.halves)
+        return float(self.recall_by_epoch.max()) / rows
 
 
 def train_ranker(
@@ -95,19 +123,20 @@ def train_ranker(
 
     Cross-fitted choices first: the example users are split in two halves, a ranker is
     trained on each half and measured on the other after every epoch, so that every example
-    user validates once. The epoch with the best recall@10 over both halves is kept, and
-    (``popularity_penalty`` None) the penalty is chosen on the same lists. Then the ranker is
-    trained on every example for that many epochs.
+    user validates once. This is done for the ranker's features and for the item model's
+    alone (``ITEM_FEATURES``); the set and the epoch with the best recall@10 over both halves
+    are kept, and (``popularity_penalty`` None) the penalty is chosen on the same lists. Then
+    a ranker of that set is trained on every example for that many epochs: the ranker given,
+    or a narrower one (``TrainingChoice.ranker``).
     """
     if len(examples.raw) == 0:
         logger.warning("no user has a held-out playlist among its candidates; ranker untrained")
-        return TrainingChoice(float("nan"), 0, popularity_penalty or 0.0, {})
-    with torch.no_grad():
-        ranker.feature_mean.copy_(examples.raw[examples.mask].mean(dim=0))
-        ranker.feature_std.copy_(examples.raw[examples.mask].std(dim=0).clamp(min=1e-6))
-    initial = copy.deepcopy(ranker.mlp.state_dict())
+        return TrainingChoice(float("nan"), 0, popularity_penalty or 0.0, {}, ranker)
+    sets = [ranker.feature_names]
+    if set(ITEM_FEATURES) < set(ranker.feature_names):
+        sets.append(ITEM_FEATURES)
     halves = examples.halves(seed)
-    steps = epochs * (len(halves) + 1)
+    steps = epochs * (len(halves) * len(sets) + 1)
     done = [0]
 
     def step(loss: float) -> None:
@@ -115,9 +144,84 @@ def train_ranker(
         report("ranker", done[0], steps, loss=loss)
 
     if not halves:
+        _standardize(ranker, examples)
         loss = _fit(ranker, examples, epochs, batch_users, learning_rate, seed, step)
         report("ranker", steps, steps, loss=loss)
-        return TrainingChoice(loss, epochs, popularity_penalty or 0.0, {})
+        return TrainingChoice(loss, epochs, popularity_penalty or 0.0, {}, ranker)
+    trials = []
+    for names in sets:
+        candidate = ranker if names == ranker.feature_names else ranker.narrowed(names)
+        columns = examples.columns([ranker.feature_names.index(name) for name in names])
+        _standardize(candidate, columns)
+        trials.append(
+            _cross_fit(candidate, columns, epochs, batch_users, learning_rate, seed, step)
+        )
+    # Ties keep the first: every feature.
+    best = max(trials, key=lambda trial: trial.best_recall)
+    ranker, examples, best_epoch = best.ranker, best.examples, best.best_epoch
+    penalties = PENALTIES if popularity_penalty is None else (popularity_penalty,)
+    measured = {}
+    for penalty in penalties:
+        recalls, items = [], []
+        for (_, validation), kept in zip(best.halves, best.states, strict=True):
+            ranker.mlp.load_state_dict(kept[best_epoch - 1])
+            recall, listed = _recalls(ranker, validation, penalty)
+            recalls.append(recall)
+            items.append(listed)
+        coverage = len(torch.unique(torch.cat(items))) / ranker.item_embedding.num_embeddings
+        measured[penalty] = (float(torch.cat(recalls).mean()), coverage)
+    top = max(recall for recall, _ in measured.values())
+    # With no hit at any penalty, every penalty ties: no signal to trade recall for reach on.
+    chosen = (
+        min(penalties)
+        if top <= 0
+        else max(p for p, (recall, _) in measured.items() if recall >= top * (1 - RECALL_TOLERANCE))
+    )
+    ranker.mlp.load_state_dict(best.initial)
+    loss = _fit(ranker, examples, best_epoch, batch_users, learning_rate, seed, step)
+    report("ranker", steps, steps, loss=loss)
+    logger.debug(
+        "ranker: %s, %d epochs, popularity penalty %s", ranker.feature_names, best_epoch, chosen
+    )
+    rows = sum(len(validation.users) for _, validation in best.halves)
+    return TrainingChoice(
+        loss,
+        best_epoch,
+        chosen,
+        {
+            "users": len(torch.unique(examples.users)),
+            "features": list(ranker.feature_names),
+            "recall@10_by_feature_set": {
+                ", ".join(trial.ranker.feature_names): round(trial.best_recall, 5)
+                for trial in trials
+            },
+            "recall@10_by_epoch": [round(r / rows, 5) for r in best.recall_by_epoch],
+            "by_popularity_penalty": {
+                str(p): {"recall@10": round(r, 5), "coverage@10": round(c, 5)}
+                for p, (r, c) in measured.items()
+            },
+        },
+        ranker,
+    )
+
+
+def _standardize(ranker: Ranker, examples: Examples) -> None:
+    with torch.no_grad():
+        ranker.feature_mean.copy_(examples.raw[examples.mask].mean(dim=0))
+        ranker.feature_std.copy_(examples.raw[examples.mask].std(dim=0).clamp(min=1e-6))
+
+
+def _cross_fit(
+    ranker: Ranker,
+    examples: Examples,
+    epochs: int,
+    batch_users: int,
+    learning_rate: float,
+    seed: int,
+    step,
+) -> _CrossFit:
+    initial = copy.deepcopy(ranker.mlp.state_dict())
+    halves = examples.halves(seed)
     recall_by_epoch = np.zeros(epochs)
     states: list[list[dict]] = []
     for train, validation in halves:
@@ -130,45 +234,7 @@ def train_ranker(
 
         _fit(ranker, train, epochs, batch_users, learning_rate, seed, step, measure)
         states.append(kept)
-    rows = sum(len(validation.users) for _, validation in halves)
-    best_epoch = int(np.argmax(recall_by_epoch)) + 1
-    penalties = PENALTIES if popularity_penalty is None else (popularity_penalty,)
-    measured = {}
-    for penalty in penalties:
-        recalls, items = [], []
-        for (_, validation), kept in zip(halves, states, strict=True):
-            ranker.mlp.load_state_dict(kept[best_epoch - 1])
-            recall, listed = _recalls(ranker, validation, penalty)
-            recalls.append(recall)
-            items.append(listed)
-        coverage = len(torch.unique(torch.cat(items))) / ranker.item_embedding.num_embeddings
-        measured[penalty] = (float(torch.cat(recalls).mean()), coverage)
-    best = max(recall for recall, _ in measured.values())
-    # With no hit at any penalty, every penalty ties: no signal to trade recall for reach on.
-    chosen = (
-        min(penalties)
-        if best <= 0
-        else max(
-            p for p, (recall, _) in measured.items() if recall >= best * (1 - RECALL_TOLERANCE)
-        )
-    )
-    ranker.mlp.load_state_dict(initial)
-    loss = _fit(ranker, examples, best_epoch, batch_users, learning_rate, seed, step)
-    report("ranker", steps, steps, loss=loss)
-    logger.debug("ranker: %d epochs, popularity penalty %s", best_epoch, chosen)
-    return TrainingChoice(
-        loss,
-        best_epoch,
-        chosen,
-        {
-            "users": len(torch.unique(examples.users)),
-            "recall@10_by_epoch": [round(r / rows, 5) for r in recall_by_epoch],
-            "by_popularity_penalty": {
-                str(p): {"recall@10": round(r, 5), "coverage@10": round(c, 5)}
-                for p, (r, c) in measured.items()
-            },
-        },
-    )
+    return _CrossFit(ranker, examples, halves, recall_by_epoch, states, initial)
 
 
 def _fit(

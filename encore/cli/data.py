@@ -363,9 +363,19 @@ def _print_evaluation(result: dict) -> None:
         )
         if key in result
     }
+    if "chosen_features" in result:
+        from inference.ranker import FEATURES
+
+        # All of them, or the item model's alone where the rest added only noise.
+        features = result["chosen_features"]
+        chosen["ranker features"] = "all" if tuple(features) == FEATURES else ", ".join(features)
     if chosen:
         console.print(
-            "chosen on the inner split: " + ", ".join(f"{k} {v:g}" for k, v in chosen.items())
+            "chosen on the inner split: "
+            + ", ".join(
+                f"{k} {v:g}" if isinstance(v, int | float) else f"{k}: {v}"
+                for k, v in chosen.items()
+            )
         )
     console.print(
         f"{result['users_evaluated']:,} users evaluated, {result['held_out']:,} held-out rows, "
