@@ -16,8 +16,8 @@ from encore.cli import app
 from inference.ranker import FEATURES, ITEM_FEATURES, Ranker
 from training.evaluate import evaluate
 from training.fit import TrainParams, inner_fold_count
-from training.items import EASE_DROPOUTS, EASE_LAMBDAS
 from training.ingest import read_interactions
+from training.items import EASE_DROPOUTS, EASE_LAMBDAS
 from training.ranker_training import PENALTIES, RECALL_TOLERANCE, Examples, train_ranker
 from training.synthetic import SyntheticSpec, generate
 
@@ -77,8 +77,17 @@ def test_the_penalty_is_the_largest_within_the_tolerance_of_the_best_recall():
 
 def test_the_item_models_features_alone_are_kept_only_when_they_validate_better():
     # The held-out playlists follow feature 0 (log_support, not an item-model feature): every
-    # feature is needed.
-    ranker, choice = _train(_examples(), None)
+    # feature is needed. Forty candidates, so that a top 10 cannot hold them by chance.
+    torch.manual_seed(0)
+    examples = _examples(width=40)
+    support = examples.raw[..., FEATURES.index("log_support")]
+    labels = support >= torch.topk(support, 2, dim=1).values[:, -1:]
+    ranker, choice = _train(
+        Examples(
+            examples.users, examples.raw, examples.mask, labels, examples.items, examples.held
+        ),
+        None,
+    )
     by_set = choice.validation["recall@10_by_feature_set"]
     assert list(by_set) == [", ".join(FEATURES), ", ".join(ITEM_FEATURES)]
     assert by_set[", ".join(FEATURES)] > by_set[", ".join(ITEM_FEATURES)]
@@ -86,7 +95,7 @@ def test_the_item_models_features_alone_are_kept_only_when_they_validate_better(
     # They follow the item score alone, and log_support follows them in one half of the users
     # and goes against them in the other (a pattern that does not generalize): the narrower
     # ranker validates better, and is the one trained and returned.
-    examples = _examples(users=300)
+    examples = _examples(users=300, width=40)
     raw = examples.raw.clone()
     signal = raw[..., FEATURES.index("item_score")]
     labels = signal >= torch.topk(signal, 2, dim=1).values[:, -1:]
@@ -96,9 +105,11 @@ def test_the_item_models_features_alone_are_kept_only_when_they_validate_better(
     narrow = Examples(examples.users, raw, examples.mask, labels, examples.items, examples.held)
     ranker, choice = _train(narrow, 0.0)
     by_set = choice.validation["recall@10_by_feature_set"]
-    assert choice.validation["features"] == list(
-        max(by_set, key=by_set.get).split(", ")
-    ) == list(choice.ranker.feature_names)
+    assert (
+        choice.validation["features"]
+        == list(max(by_set, key=by_set.get).split(", "))
+        == list(choice.ranker.feature_names)
+    )
     assert choice.ranker is not ranker and choice.ranker.feature_names == ITEM_FEATURES
     assert choice.ranker.feature_mean.shape == (len(ITEM_FEATURES),)
 

@@ -24,7 +24,7 @@ logger = logging.getLogger("encore.fit")
 
 # Finer where the choice usually falls: a step of 0.05 there moves coverage@10 by ~4 %.
 PENALTIES = (0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5)
-RECALL_TOLERANCE = 0.01  # relative: 1 % of the best recall@10
+RECALL_TOLERANCE = 0.005  # relative: 0.5 % of the best recall@10
 CUTOFF = 10
 AVERAGE_EPOCHS = 7  # the horizon of the weights' running average, in epochs
 
