@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -26,6 +28,7 @@ logger = logging.getLogger("encore.fit")
 PENALTIES = (0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5)
 RECALL_TOLERANCE = 0.005  # relative: 0.5 % of the best recall@10
 CUTOFF = 10
+SCORE_BLOCK_ROWS = 512
 AVERAGE_EPOCHS = 7  # the horizon of the weights' running average, in epochs
 
 
@@ -89,23 +92,58 @@ class TrainingChoice:
 
 @dataclass
 class _CrossFit:
-    """One feature set's cross-fit: a ranker per half, measured on the other after each epoch."""
+    """One feature set's cross-fit: a ranker per half, measured on the other after each epoch.
+    The halves train independently (each on its own copy of the MLP), so they can run at once.
+    """
 
-    ranker: Ranker
+    ranker: Ranker  # of this feature set, standardized on its examples, untrained
     examples: Examples
     halves: list[tuple[Examples, Examples]]
-    recall_by_epoch: np.ndarray  # summed over the validation rows
+    recall_by_epoch: np.ndarray  # per half, summed over its validation rows: (halves, epochs)
     states: list[list[dict]]  # per half, the MLP's weights after each epoch
     initial: dict  # the MLP's weights before any training
 
+    @classmethod
+    def start(
+        cls, ranker: Ranker, names: tuple[str, ...], examples: Examples, epochs: int, seed: int
+    ) -> _CrossFit:
+        candidate = ranker if names == ranker.feature_names else ranker.narrowed(names)
+        columns = examples.columns([ranker.feature_names.index(name) for name in names])
+        _standardize(candidate, columns)
+        halves = columns.halves(seed)
+        initial = copy.deepcopy(candidate.mlp.state_dict())
+        return cls(
+            candidate,
+            columns,
+            halves,
+            np.zeros((len(halves), epochs)),
+            [[] for _ in halves],
+            initial,
+        )
+
+    def train_half(self, half: int, batch_users: int, learning_rate: float, seed: int, step):
+        worker = self.ranker.narrowed(self.ranker.feature_names)
+        worker.feature_mean.copy_(self.ranker.feature_mean)
+        worker.feature_std.copy_(self.ranker.feature_std)
+        worker.mlp.load_state_dict(self.initial)
+        train, validation = self.halves[half]
+        kept = self.states[half]
+
+        def measure(epoch: int) -> None:
+            self.recall_by_epoch[half, epoch] = float(_recalls(worker, validation, 0.0)[0].sum())
+            kept.append(copy.deepcopy(worker.mlp.state_dict()))
+
+        epochs = self.recall_by_epoch.shape[1]
+        _fit(worker, train, epochs, batch_users, learning_rate, seed, step, measure)
+
     @property
     def best_epoch(self) -> int:
-        return int(np.argmax(self.recall_by_epoch)) + 1
+        return int(np.argmax(self.recall_by_epoch.sum(axis=0))) + 1
 
     @property
     def best_recall(self) -> float:
         rows = sum(len(validation.users) for _, validation in self.halves)
-        return float(self.recall_by_epoch.max()) / rows
+        return float(self.recall_by_epoch.sum(axis=0).max()) / rows
 
 
 def train_ranker(
@@ -148,14 +186,27 @@ def train_ranker(
         loss = _fit(ranker, examples, epochs, batch_users, learning_rate, seed, step)
         report("ranker", steps, steps, loss=loss)
         return TrainingChoice(loss, epochs, popularity_penalty or 0.0, {}, ranker)
-    trials = []
-    for names in sets:
-        candidate = ranker if names == ranker.feature_names else ranker.narrowed(names)
-        columns = examples.columns([ranker.feature_names.index(name) for name in names])
-        _standardize(candidate, columns)
-        trials.append(
-            _cross_fit(candidate, columns, epochs, batch_users, learning_rate, seed, step)
-        )
+    trials = [_CrossFit.start(ranker, names, examples, epochs, seed) for names in sets]
+    jobs = [(trial, half) for trial in trials for half in range(len(trial.halves))]
+    lock = threading.Lock()
+
+    def locked_step(loss: float) -> None:
+        with lock:
+            step(loss)
+
+    def run(job: tuple[_CrossFit, int]) -> None:
+        # Each job on one thread: this MLP's ops are too small to share two threads well,
+        # and two jobs at a time take less time than one at a time on both threads.
+        torch.set_num_threads(1)
+        trial, half = job
+        trial.train_half(half, batch_users, learning_rate, seed, locked_step)
+
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:
+            list(pool.map(run, jobs))
+    finally:
+        torch.set_num_threads(threads)
     # Ties keep the first: every feature.
     best = max(trials, key=lambda trial: trial.best_recall)
     ranker, examples, best_epoch = best.ranker, best.examples, best.best_epoch
@@ -195,7 +246,7 @@ def train_ranker(
                 ", ".join(trial.ranker.feature_names): round(trial.best_recall, 5)
                 for trial in trials
             },
-            "recall@10_by_epoch": [round(r / rows, 5) for r in best.recall_by_epoch],
+            "recall@10_by_epoch": [round(r / rows, 5) for r in best.recall_by_epoch.sum(axis=0)],
             "by_popularity_penalty": {
                 str(p): {"recall@10": round(r, 5), "coverage@10": round(c, 5)}
                 for p, (r, c) in measured.items()
@@ -209,32 +260,6 @@ def _standardize(ranker: Ranker, examples: Examples) -> None:
     with torch.no_grad():
         ranker.feature_mean.copy_(examples.raw[examples.mask].mean(dim=0))
         ranker.feature_std.copy_(examples.raw[examples.mask].std(dim=0).clamp(min=1e-6))
-
-
-def _cross_fit(
-    ranker: Ranker,
-    examples: Examples,
-    epochs: int,
-    batch_users: int,
-    learning_rate: float,
-    seed: int,
-    step,
-) -> _CrossFit:
-    initial = copy.deepcopy(ranker.mlp.state_dict())
-    halves = examples.halves(seed)
-    recall_by_epoch = np.zeros(epochs)
-    states: list[list[dict]] = []
-    for train, validation in halves:
-        ranker.mlp.load_state_dict(initial)
-        kept: list[dict] = []
-
-        def measure(epoch: int, validation: Examples = validation, kept: list = kept) -> None:
-            recall_by_epoch[epoch] += float(_recalls(ranker, validation, 0.0)[0].sum())
-            kept.append(copy.deepcopy(ranker.mlp.state_dict()))
-
-        _fit(ranker, train, epochs, batch_users, learning_rate, seed, step, measure)
-        states.append(kept)
-    return _CrossFit(ranker, examples, halves, recall_by_epoch, states, initial)
 
 
 def _fit(
@@ -293,8 +318,14 @@ def _fit(
 def _top(ranker: Ranker, examples: Examples, penalty: float) -> torch.Tensor:
     """Positions of each row's top ``CUTOFF`` candidates, with the popularity penalty."""
     with torch.no_grad():
-        standardized = (examples.raw - ranker.feature_mean) / ranker.feature_std
-        scores = ranker.mlp(standardized).squeeze(-1)
+        # By blocks of rows: the hidden layer of every row at once is tens of MB, written and
+        # read back from memory; a block's stays in cache (5 x faster at one thread).
+        scores = torch.cat(
+            [
+                ranker.mlp((block - ranker.feature_mean) / ranker.feature_std).squeeze(-1)
+                for block in torch.split(examples.raw, SCORE_BLOCK_ROWS)
+            ]
+        )
         log_popularity = examples.raw[..., ranker.feature_names.index("log_popularity")]
         scores = (scores - penalty * log_popularity).masked_fill(~examples.mask, -torch.inf)
         k = min(CUTOFF, scores.shape[1])
