@@ -150,6 +150,39 @@ def test_candidate_recall_per_generator(data):
     assert result["chosen_inner_folds"] == 4
 
 
+def test_each_generator_alone_is_scored_on_its_own_top_ten(data):
+    from training.evaluate import fit_split, generator_lists
+
+    split = fit_split(read_interactions(data), TrainParams(dim=16, epochs=2))
+    fitted = split.fitted
+    tested = np.flatnonzero(np.diff(split.held_indptr) > 0)
+    lists = generator_lists(fitted, tested, batch_users=100)
+    assert set(lists) == {"neighbours", "item_model"}
+    pairs = fitted.pairings
+    for user in tested[:200]:
+        seen = set(fitted.matrix[user].indices)
+        span = slice(pairs.indptr[user], pairs.indptr[user + 1])
+        support = dict(zip(pairs.items[span].tolist(), pairs.support[span].tolist(), strict=True))
+        listed = lists["neighbours"][user]
+        assert len(set(listed)) == 10 and not seen & set(listed)
+        # The neighbours' best-supported candidates first, none left out that beat one listed;
+        # then (a short list) popular playlists without support.
+        ranked = [item for item in listed if support.get(item, 0) > 0]
+        assert listed[: len(ranked)].tolist() == ranked
+        assert [support[i] for i in ranked] == sorted((support[i] for i in ranked), reverse=True)
+        left = [value for item, value in support.items() if value > 0 and item not in ranked]
+        assert not ranked or not left or max(left) <= support[ranked[-1]]
+        picks = fitted.item_model.block(fitted.matrix[[user]]).top_items[0, :10]
+        assert (
+            lists["item_model"][user][: (picks >= 0).sum()].tolist() == picks[picks >= 0].tolist()
+        )
+    untested = np.setdiff1d(np.arange(fitted.matrix.shape[0]), tested)
+    assert (lists["neighbours"][untested] == -1).all()
+    result = evaluate(read_interactions(data), TrainParams(dim=16, epochs=2)).as_dict()
+    for name in ("neighbours", "item_model"):
+        assert 0 < result[f"{name}_recall@10"] < 1 and 0 < result[f"{name}_coverage@10"] <= 1
+
+
 def test_more_inner_folds_only_where_users_are_few():
     def rows(users: int, each: int = 5) -> np.ndarray:
         return np.repeat(np.arange(users), each)

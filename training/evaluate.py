@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from encore.progress import Progress
 from inference.lists import complete_with_popular
-from inference.ranker import rank_users
+from inference.ranker import padded_candidates, rank_users, top_codes
 from training.fit import FittedModel, TrainParams, fit
 from training.ingest import Interactions
 from training.matrix import encode, merge_repeats
@@ -37,6 +38,8 @@ class Evaluation:
     candidate_recall: dict[str, float] | None = None  # per generator, and merged
     chosen: dict | None = None  # hyper-parameters chosen on the inner split
     sweep: list[dict] | None = None  # the test lists at each popularity penalty (reported only)
+    # Each candidate generator's own top 10 (padded as the run pads): what the ranker adds.
+    generators: dict[str, tuple[RankingMetrics, ListMetrics]] | None = None
 
     def as_dict(self) -> dict:
         lists = {}
@@ -57,6 +60,17 @@ class Evaluation:
                 for name, value in (self.candidate_recall or {}).items()
             },
             **{f"chosen_{k}": v for k, v in (self.chosen or {}).items()},
+            **{
+                f"{name}_{key}": value
+                for name, (accuracy, reach) in (self.generators or {}).items()
+                for key, value in (
+                    ("recall@10", round(accuracy.recall_at_10, 5)),
+                    ("ndcg@10", round(accuracy.ndcg_at_10, 5)),
+                    ("coverage@10", round(reach.coverage, 5)),
+                    ("top_decile_share@10", round(reach.top_decile_share, 5)),
+                    ("novelty@10", round(reach.novelty, 3)),
+                )
+            },
             **({"sweep": self.sweep} if self.sweep is not None else {}),
             "users_evaluated": self.model.users,
             "rows": self.rows,
@@ -167,6 +181,13 @@ def evaluate(
         popularity_lists=list_metrics(popular_top[tested], fitted.popularity, shape[0]),
         candidate_recall=candidate_recall(fitted, held_indptr, held_items),
         chosen=fitted.chosen,
+        generators={
+            name: (
+                ranking_metrics(top, held_indptr, held_items),
+                list_metrics(top[tested], fitted.popularity, shape[0]),
+            )
+            for name, top in generator_lists(fitted, tested, batch_users=batch_users).items()
+        },
         sweep=None
         if sweep is None
         else penalty_sweep(fitted, sweep, held_indptr, held_items, batch_users=batch_users),
@@ -248,6 +269,37 @@ def candidate_recall(
         per_user = np.bincount(users[hits], minlength=len(held_indptr) - 1)[tested]
         recall[name] = float(np.mean(per_user / held_counts))
     return recall
+
+
+def generator_lists(
+    fitted: FittedModel, users_of: np.ndarray, *, k: int = CUTOFF, batch_users: int = 4096
+) -> dict[str, np.ndarray]:
+    """Each generator's own top ``k`` for the users ``users_of`` (user codes; other rows stay
+    -1), completed with popular unseen playlists as the run completes a short list: the
+    neighbours' candidates by support, and the item model's picks by its score."""
+    pairs, n_users = fitted.pairings, fitted.matrix.shape[0]
+    out = {"neighbours": np.full((n_users, k), -1, dtype=np.int64)}
+    if fitted.item_model is not None:
+        out["item_model"] = np.full((n_users, k), -1, dtype=np.int64)
+    width = fitted.ranker.candidates
+    for start in range(0, len(users_of), batch_users):
+        users = users_of[start : start + batch_users]
+        items, support, _, mask = padded_candidates(
+            pairs.indptr, pairs.items, pairs.support, pairs.neighbours, users, width
+        )
+        scores = support.masked_fill(~mask | (support <= 0), -torch.inf)
+        out["neighbours"][users] = top_codes(scores, items, k)
+        if fitted.item_model is not None:
+            out["item_model"][users] = fitted.item_model.block(fitted.matrix[users]).top_items[
+                :, :k
+            ]
+    for top in out.values():
+        short = users_of[(top[users_of] < 0).any(axis=1)]
+        if len(short):
+            top[short] = popular_unseen(
+                fitted.matrix, fitted.popularity, k, users=short, have=top[short]
+            )
+    return out
 
 
 def recommend_all(fitted: FittedModel, *, k: int = CUTOFF, batch_users: int = 4096) -> np.ndarray:

@@ -331,7 +331,15 @@ def _print_evaluation(result: dict) -> None:
         table.add_column("coverage@10", justify="right")
         table.add_column("top-decile share", justify="right")
         table.add_column("novelty (bits)", justify="right")
-    for label, prefix in (("popularity", "popularity_"), ("encore (pairing + ranker)", "")):
+    rows = [
+        ("popularity", "popularity_"),
+        ("neighbours alone", "neighbours_"),
+        ("item model alone", "item_model_"),
+        ("encore (pairing + ranker)", ""),
+    ]
+    for label, prefix in rows:
+        if prefix + "recall@10" not in result:
+            continue
         row = [label, f"{result[prefix + 'recall@10']:.4f}", f"{result[prefix + 'ndcg@10']:.4f}"]
         if reach:
             row += [
