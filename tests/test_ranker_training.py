@@ -112,6 +112,14 @@ def test_the_item_models_features_alone_are_kept_only_when_they_validate_better(
     )
     assert choice.ranker is not ranker and choice.ranker.feature_names == ITEM_FEATURES
     assert choice.ranker.feature_mean.shape == (len(ITEM_FEATURES),)
+    # A bundle's spec names its features: the narrower ranker loads back as it was trained.
+    from inference.ranker import ranker_from_spec
+
+    spec = {"dim": 4, "hidden": [8], "neighbours": 50, "candidates": 40}
+    loaded = ranker_from_spec({**spec, "features": list(ITEM_FEATURES)}, 10, 500)
+    loaded.load_state_dict(choice.ranker.state_dict())
+    for mine, theirs in zip(loaded.mlp.parameters(), choice.ranker.mlp.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
 
 
 def test_a_given_penalty_is_kept_and_applied_by_the_ranker():
