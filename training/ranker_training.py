@@ -1,8 +1,9 @@
 """Training the ranker on its own task, and what its cross-fitted validation chooses.
 
 The examples are the inner folds' users with a held-out playlist among their candidates (never
-the test split). Cross-fitted on two halves of those users, the ranker's epochs are the number
-that ranks the other half's held-out playlists best, and the popularity penalty is the largest
+the test split). Cross-fitted on two halves of those users, the ranker's features (every one,
+or the item model's alone) and epochs are those that rank the other half's held-out playlists
+best, and the popularity penalty is the largest
 one that keeps their recall@10 within ``RECALL_TOLERANCE`` of the best penalty's, because a
 penalty on popular playlists shows more of the catalog at almost no cost in accuracy.
 """
