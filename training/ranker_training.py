@@ -30,6 +30,12 @@ PENALTIES = (0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0
 RECALL_TOLERANCE = 0.005  # relative: 0.5 % of the best recall@10
 CUTOFF = 10
 SCORE_BLOCK_ROWS = 512
+# The item model's features alone are tried only with fewer example users than this: an MLP
+# over every feature learns the noise of a few hundred or thousand users (MovieLens 100k's
+# 943), and the second cross-fit doubles the ranker's cost, which at the demo's 20,000 users
+# would put it past a minute and at 1M users adds ~1 GB and minutes for a choice that many
+# examples make for themselves.
+FEW_FEATURE_USERS = 10_000
 AVERAGE_EPOCHS = 7  # the horizon of the weights' running average, in epochs
 
 
@@ -163,19 +169,21 @@ def train_ranker(
 
     Cross-fitted choices first: the example users are split in two halves, a ranker is
     trained on each half and measured on the other after every epoch, so that every example
-    user validates once. This is done for the ranker's features and for the item model's
-    alone (``ITEM_FEATURES``); the set and the epoch with the best recall@10 over both halves
-    are kept, and (``popularity_penalty`` None) the penalty is chosen on the same lists. Then
-    a ranker of that set is trained on every example for that many epochs: the ranker given,
-    or a narrower one (``TrainingChoice.ranker``).
+    user validates once. This is done for the ranker's features and, with fewer example users
+    than ``FEW_FEATURE_USERS``, for the item model's alone (``ITEM_FEATURES``); the set and
+    the epoch with the best recall@10 over both halves are kept, and (``popularity_penalty``
+    None) the penalty is chosen on the same lists. Then a ranker of that set is trained on
+    every example for that many epochs: the ranker given, or a narrower one
+    (``TrainingChoice.ranker``).
     """
     if len(examples.raw) == 0:
         logger.warning("no user has a held-out playlist among its candidates; ranker untrained")
         return TrainingChoice(float("nan"), 0, popularity_penalty or 0.0, {}, ranker)
     sets = [ranker.feature_names]
-    if set(ITEM_FEATURES) < set(ranker.feature_names):
+    users = len(torch.unique(examples.users))
+    if set(ITEM_FEATURES) < set(ranker.feature_names) and users < FEW_FEATURE_USERS:
         sets.append(ITEM_FEATURES)
-    halves = 2 if len(torch.unique(examples.users)) >= 2 else 0  # see Examples.halves
+    halves = 2 if users >= 2 else 0  # see Examples.halves
     steps = epochs * (halves * len(sets) + 1)
     done = [0]
 
