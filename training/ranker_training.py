@@ -32,10 +32,10 @@ CUTOFF = 10
 SCORE_BLOCK_ROWS = 512
 # The item model's features alone are tried only with fewer example users than this: an MLP
 # over every feature learns the noise of a few hundred or thousand users (MovieLens 100k's
-# 943), and the second cross-fit doubles the ranker's cost, which at the demo's 20,000 users
-# would put it past a minute and at 1M users adds ~1 GB and minutes for a choice that many
-# examples make for themselves.
-FEW_FEATURE_USERS = 10_000
+# 933, Last.fm's 1,858), and the second cross-fit doubles the ranker's cost: at the demo's
+# ~10,000 example users 28 s rather than ~15 s of its minute, at 1M users ~1 GB more and
+# minutes, for a choice that many examples make for themselves.
+FEW_FEATURE_USERS = 5_000
 AVERAGE_EPOCHS = 7  # the horizon of the weights' running average, in epochs
 
 
